@@ -1,0 +1,269 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Discovery and autokexec datagrams (wire format v1), replay window, challenges.
+
+Layout of every datagram (big-endian)::
+
+    magic "STFL" | version u8 | type u8 | key_id 8 | body | HMAC-SHA256 32
+
+The MAC covers everything before it and is keyed with the purpose's subkey
+(discovery or autokexec), so a message of one kind cannot be replayed as
+another and a MAC never reveals the key. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import hashlib
+import secrets
+import struct
+import time
+
+from ansible_collections.stiefel.system.plugins.module_utils import keyschedule
+from ansible_collections.stiefel.system.plugins.module_utils.errors import (
+    AuthenticationFailed,
+    MalformedMessage,
+    OversizedMessage,
+    ReplayedMessage,
+    TruncatedMessage,
+    UnsupportedVersion,
+    WrongKey,
+)
+
+MAGIC = b"STFL"
+VERSION = 1
+DISCOVERY_PORT = 61570
+MAX_DATAGRAM = 512
+MAC_BYTES = 32
+NONCE_BYTES = keyschedule.NONCE_BYTES
+HEADER = struct.Struct(">4sBB8s")
+MAX_EXPORT_NAME = 64
+
+# Message types. DISCOVER/OFFER use the discovery subkey, the KEXEC pair the
+# autokexec subkey.
+DISCOVER = 1
+OFFER = 2
+KEXEC_REQUEST = 3
+KEXEC_ACK = 4
+TYPE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", KEXEC_REQUEST: "KEXEC_REQUEST", KEXEC_ACK: "KEXEC_ACK"}
+_PURPOSE = {
+    DISCOVER: keyschedule.DISCOVERY,
+    OFFER: keyschedule.DISCOVERY,
+    KEXEC_REQUEST: keyschedule.AUTOKEXEC,
+    KEXEC_ACK: keyschedule.AUTOKEXEC,
+}
+
+# OFFER roles: who answered.
+ROLE_SERVER = 1  # the server ramdisk: payload and NBD are available
+ROLE_AUTOKEXEC = 2  # the laptop's normal OS: answer with KEXEC_REQUEST to reboot it
+ROLE_STANDALONE = 3  # a running system serving a spare disk (no kexec)
+ROLES = (ROLE_SERVER, ROLE_AUTOKEXEC, ROLE_STANDALONE)
+
+FLAG_NEEDS_PASSPHRASE = 0x01
+KNOWN_FLAGS = FLAG_NEEDS_PASSPHRASE
+
+_OFFER_FIXED = struct.Struct(">16s16sBBHHB")  # client nonce, server nonce, role, flags, http, nbd, name length
+_NONCE_PAIR = struct.Struct(">16s16s")
+
+
+class Message(object):
+    """A parsed, authenticated datagram."""
+
+    __slots__ = ("type", "client_nonce", "server_nonce", "role", "flags", "http_port", "nbd_port", "export_name")
+
+    def __init__(self, msg_type, client_nonce, server_nonce=None, role=None, flags=0,
+                 http_port=None, nbd_port=None, export_name=None):
+        self.type = msg_type
+        self.client_nonce = client_nonce
+        self.server_nonce = server_nonce
+        self.role = role
+        self.flags = flags
+        self.http_port = http_port
+        self.nbd_port = nbd_port
+        self.export_name = export_name
+
+    @property
+    def type_name(self):
+        return TYPE_NAMES.get(self.type, str(self.type))
+
+    @property
+    def needs_passphrase(self):
+        return bool(self.flags & FLAG_NEEDS_PASSPHRASE)
+
+    def __repr__(self):
+        return "Message(%s)" % self.type_name
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def _mac(key: bytes, msg_type: int, data: bytes) -> bytes:
+    return hmac.new(keyschedule.subkey(key, _PURPOSE[msg_type]), data, hashlib.sha256).digest()
+
+
+def _seal(key: bytes, msg_type: int, body: bytes) -> bytes:
+    head = HEADER.pack(MAGIC, VERSION, msg_type, keyschedule.key_id(key))
+    data = head + body
+    out = data + _mac(key, msg_type, data)
+    if len(out) > MAX_DATAGRAM:
+        raise OversizedMessage("message would be %d bytes, limit %d" % (len(out), MAX_DATAGRAM))
+    return out
+
+
+def _check_nonce(name, value):
+    if not isinstance(value, (bytes, bytearray)) or len(value) != NONCE_BYTES:
+        raise MalformedMessage("%s must be %d bytes" % (name, NONCE_BYTES))
+
+
+def build_discover(key: bytes, client_nonce: bytes) -> bytes:
+    _check_nonce("client nonce", client_nonce)
+    return _seal(key, DISCOVER, bytes(client_nonce))
+
+
+def build_offer(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, http_port: int = 0,
+                nbd_port: int = 0, export_name: str = "", flags: int = 0) -> bytes:
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("server nonce", server_nonce)
+    if role not in ROLES:
+        raise MalformedMessage("unknown role %r" % (role,))
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedMessage("unknown flags 0x%x" % flags)
+    name = export_name.encode("utf-8")
+    if len(name) > MAX_EXPORT_NAME:
+        raise OversizedMessage("export name longer than %d bytes" % MAX_EXPORT_NAME)
+    body = _OFFER_FIXED.pack(bytes(client_nonce), bytes(server_nonce), role, flags, http_port, nbd_port, len(name)) + name
+    return _seal(key, OFFER, body)
+
+
+def build_kexec_request(key: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("server nonce", server_nonce)
+    return _seal(key, KEXEC_REQUEST, _NONCE_PAIR.pack(bytes(client_nonce), bytes(server_nonce)))
+
+
+def build_kexec_ack(key: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("server nonce", server_nonce)
+    return _seal(key, KEXEC_ACK, _NONCE_PAIR.pack(bytes(client_nonce), bytes(server_nonce)))
+
+
+def parse(key: bytes, data: bytes, expect=None) -> Message:
+    """Authenticate and parse a datagram.
+
+    ``expect`` is an iterable of acceptable types; others are rejected before
+    their body is looked at. Raises a ProtocolError subclass for anything
+    that is not an authentic v1 message made with ``key``.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        raise MalformedMessage("datagram must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_DATAGRAM:
+        raise OversizedMessage("datagram of %d bytes exceeds %d" % (len(data), MAX_DATAGRAM))
+    if len(data) < HEADER.size + MAC_BYTES:
+        raise TruncatedMessage("datagram of %d bytes is shorter than a header and MAC" % len(data))
+    magic, version, msg_type, kid = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MalformedMessage("not a stiefel datagram (bad magic)")
+    if version != VERSION:
+        raise UnsupportedVersion("protocol version %d, this side speaks %d" % (version, VERSION))
+    if msg_type not in _PURPOSE:
+        raise MalformedMessage("unknown message type %d" % msg_type)
+    if expect is not None and msg_type not in expect:
+        raise MalformedMessage("unexpected message type %s" % TYPE_NAMES[msg_type])
+    if not hmac.compare_digest(kid, keyschedule.key_id(key)):
+        raise WrongKey("message made with another stiefel key (key id %s)" % kid.hex())
+    signed, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
+    if not hmac.compare_digest(tag, _mac(key, msg_type, signed)):
+        raise AuthenticationFailed("%s failed authentication" % TYPE_NAMES[msg_type])
+    body = signed[HEADER.size:]
+    if msg_type == DISCOVER:
+        if len(body) != NONCE_BYTES:
+            raise MalformedMessage("DISCOVER body must be %d bytes" % NONCE_BYTES)
+        return Message(DISCOVER, body)
+    if msg_type in (KEXEC_REQUEST, KEXEC_ACK):
+        if len(body) != _NONCE_PAIR.size:
+            raise MalformedMessage("%s body must be %d bytes" % (TYPE_NAMES[msg_type], _NONCE_PAIR.size))
+        client_nonce, server_nonce = _NONCE_PAIR.unpack(body)
+        return Message(msg_type, client_nonce, server_nonce)
+    # OFFER
+    if len(body) < _OFFER_FIXED.size:
+        raise MalformedMessage("OFFER body too short")
+    client_nonce, server_nonce, role, flags, http_port, nbd_port, name_len = _OFFER_FIXED.unpack_from(body)
+    name = body[_OFFER_FIXED.size:]
+    if len(name) != name_len or name_len > MAX_EXPORT_NAME:
+        raise MalformedMessage("OFFER export name length does not match")
+    if role not in ROLES:
+        raise MalformedMessage("OFFER names unknown role %d" % role)
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedMessage("OFFER has unknown flags 0x%x" % flags)
+    try:
+        export_name = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage("OFFER export name is not UTF-8") from None
+    return Message(OFFER, client_nonce, server_nonce, role, flags, http_port, nbd_port, export_name)
+
+
+class ReplayWindow(object):
+    """Remembers recent nonces; a nonce seen again within ``ttl`` is a replay.
+
+    Bounded in memory: at most ``capacity`` nonces; when full, the oldest is
+    forgotten (an attacker flooding fresh forged packets never gets this
+    far: the MAC is checked first).
+    """
+
+    def __init__(self, capacity: int = 4096, ttl: float = 600.0, clock=time.monotonic):
+        self.capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._seen = collections.OrderedDict()
+
+    def _expire(self, now):
+        while self._seen:
+            nonce, seen_at = next(iter(self._seen.items()))
+            if now - seen_at <= self.ttl and len(self._seen) <= self.capacity:
+                break
+            self._seen.popitem(last=False)
+
+    def check(self, nonce: bytes) -> None:
+        """Record ``nonce``; raise ReplayedMessage if it was already seen."""
+        now = self._clock()
+        self._expire(now)
+        if nonce in self._seen:
+            raise ReplayedMessage("nonce %s was already used" % nonce.hex()[:12])
+        self._seen[nonce] = now
+        self._expire(now)
+
+    def __len__(self):
+        return len(self._seen)
+
+
+class ChallengeBook(object):
+    """Server nonces handed out in OFFERs, each answerable once, for ``ttl`` seconds."""
+
+    def __init__(self, capacity: int = 256, ttl: float = 30.0, clock=time.monotonic):
+        self.capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._open = collections.OrderedDict()
+
+    def issue(self, client_nonce: bytes) -> bytes:
+        now = self._clock()
+        server_nonce = new_nonce()
+        self._open[server_nonce] = (client_nonce, now)
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)
+        return server_nonce
+
+    def redeem(self, client_nonce: bytes, server_nonce: bytes) -> None:
+        """Consume the challenge; raise ReplayedMessage if unknown, used, expired or for another client."""
+        entry = self._open.pop(server_nonce, None)
+        if entry is None:
+            raise ReplayedMessage("answer to an unknown or already used challenge")
+        issued_to, issued_at = entry
+        if self._clock() - issued_at > self.ttl:
+            raise ReplayedMessage("answer to an expired challenge")
+        if not hmac.compare_digest(issued_to, client_nonce):
+            raise ReplayedMessage("challenge was issued to another client nonce")
