@@ -1,0 +1,75 @@
+"""Shared pytest setup for stiefel.system.
+
+- Puts ``<repo>/collections`` first on ``sys.path`` so that
+  ``ansible_collections.stiefel.system...`` imports resolve to this checkout
+  (through the committed ``collections/ansible_collections/stiefel/system``
+  symlink to the repository root).
+- Selects the hypothesis profile: ``ci`` (more examples, no deadline) when
+  ``CI=true``, ``dev`` otherwise; ``HYPOTHESIS_PROFILE`` overrides.
+- Provides the ``cache_dir`` fixture (``$STIEFEL_CACHE_DIR`` or
+  ``<repo>/.cache``) and ``require_root()``, which skips with a reason when
+  not running as root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COLLECTIONS_DIR = REPO_ROOT / "collections"
+
+if str(COLLECTIONS_DIR) in sys.path:
+    sys.path.remove(str(COLLECTIONS_DIR))
+sys.path.insert(0, str(COLLECTIONS_DIR))
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in requirements/dev.txt; tolerate its absence
+    settings = None
+else:
+    settings.register_profile(
+        "ci",
+        max_examples=1000,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
+    )
+    settings.register_profile("dev", max_examples=100, deadline=None)
+    _default_profile = "ci" if os.environ.get("CI", "").lower() in ("true", "1", "yes") else "dev"
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
+
+
+def stiefel_cache_dir() -> Path:
+    """The build-output directory: ``$STIEFEL_CACHE_DIR`` or ``<repo>/.cache``."""
+    env = os.environ.get("STIEFEL_CACHE_DIR")
+    return Path(env) if env else REPO_ROOT / ".cache"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (which is also the collection root)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The build-output directory (created if missing). Producers use their own subdirectory."""
+    path = stiefel_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require_root() -> None:
+    """Skip the calling test (with a reason) unless running as root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, loop devices, QEMU taps); CI runs as root")
+
+
+@pytest.fixture
+def root_required() -> None:
+    """Fixture form of :func:`require_root`."""
+    require_root()
