@@ -1,0 +1,465 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Build the stiefel client USB stick as an image, write it to a target, verify it.
+
+Layout (GPT, 512-byte sectors)::
+
+    LBA 0          protective MBR, boot code = syslinux gptmbr.bin, PMBR active flag
+    LBA 1-33       primary GPT
+    1 MiB ..       partition 1: EFI system partition, FAT32, label STIEFEL,
+                   GPT attribute LegacyBIOSBootable (gptmbr.bin chains to it)
+    end-33 .. end  backup GPT (the image is laid out for the exact target size)
+
+ESP contents::
+
+    EFI/BOOT/BOOTX64.EFI        systemd-boot (UEFI)
+    loader/loader.conf          default entry, no timeout, editor off
+    loader/entries/stiefel.conf linux + two initrd lines + options
+    syslinux/ldlinux.sys,.c32   syslinux (legacy BIOS), installed by `syslinux --install`
+    syslinux/syslinux.cfg       LINUX + initrd=<ramdisk>,<key.cpio> + APPEND
+    stiefel/vmlinuz             the stiefel ramdisk kernel
+    stiefel/initrd.img          the stiefel ramdisk initrd
+    stiefel/key.cpio            newc archive holding etc/stiefel/key (0600, root)
+    stiefel/manifest.json       what was written (SHA-256 of every file but the key)
+
+The image is built sparse in a work directory (the cache) with the real tools
+(sfdisk, mkfs.fat --offset, mtools, syslinux's mtools installer), then only the
+laid-out regions are copied to the target (start .. end of ESP, and the backup
+GPT), synced, the caches dropped, and read back to compare SHA-256.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+
+from ansible_collections.stiefel.system.plugins.module_utils.cpio import key_archive
+
+FORMAT = "stiefel-usb-v1"
+SECTOR = 512
+MIB = 1024 * 1024
+ESP_START = MIB
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+GPT_BACKUP_SECTORS = 33
+MIN_ESP_MIB = 64
+ESP_LABEL = "STIEFEL"
+BASE_CMDLINE = "console=tty0 console=ttyS0,115200 stiefel.role=client"
+KEY_RE = re.compile(rb"\Astiefel-key-v1:[0-9a-f]{64}\n\Z")
+
+SYSTEMD_BOOT_CANDIDATES = ("/usr/lib/systemd/boot/efi/systemd-bootx64.efi",)
+GPTMBR_CANDIDATES = ("/usr/lib/syslinux/mbr/gptmbr.bin", "/usr/lib/SYSLINUX/gptmbr.bin")
+BLKFLSBUF = 0x1261
+BLKRRPART = 0x125F
+CHUNK = 4 * MIB
+
+
+class StickError(Exception):
+    """A stick cannot be built, written or verified; the message says why."""
+
+
+def parse_size(value):
+    """'2G', '512M', '1048576' -> bytes (binary units). 0 / empty -> 0."""
+    if value in (None, "", 0):
+        return 0
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise StickError("bad size %r (use e.g. 512M, 2G or a byte count)" % (value,))
+    unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+    return int(match.group(1)) * unit
+
+
+def check_key(text):
+    """Raise StickError unless ``text`` (bytes) is a valid stiefel key file (never echoes it)."""
+    if not KEY_RE.match(text):
+        raise StickError("the key file is not a valid stiefel key (expected one line "
+                         "'stiefel-key-v1:' + 64 lowercase hex digits)")
+
+
+def find_first(candidates, what):
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise StickError("%s not found (looked at %s); install the Debian package" % (what, ", ".join(candidates)))
+
+
+def sha256_file(path, start=0, length=None):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = length
+        while left is None or left > 0:
+            chunk = handle.read(CHUNK if left is None else min(CHUNK, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
+
+
+def run(argv, stdin=None, env_extra=None):
+    """Run a tool; return stdout bytes; raise StickError with its stderr on failure."""
+    env = dict(os.environ)
+    env["MTOOLS_SKIP_CHECK"] = "1"
+    env["LC_ALL"] = "C"
+    if env_extra:
+        env.update(env_extra)
+    try:
+        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, check=False)
+    except OSError as exc:
+        raise StickError("cannot run %s: %s" % (argv[0], exc)) from None
+    if proc.returncode != 0:
+        raise StickError("%s failed (exit %d): %s" % (" ".join(argv[:2]), proc.returncode,
+                                                       proc.stderr.decode("utf-8", "replace").strip()))
+    return proc.stdout
+
+
+class StickSpec:
+    """What goes on the stick. ``key_text`` is secret: never log or return it."""
+
+    def __init__(self, kernel, initrd, key_text, extra_cmdline="", esp_size_mib=256, target_size=0):
+        self.kernel = kernel
+        self.initrd = initrd
+        self.key_text = key_text
+        self.extra_cmdline = (extra_cmdline or "").strip()
+        self.esp_size_mib = int(esp_size_mib)
+        self.target_size = int(target_size) // SECTOR * SECTOR
+
+    @property
+    def cmdline(self):
+        return (BASE_CMDLINE + " " + self.extra_cmdline).strip()
+
+    @property
+    def esp_size(self):
+        return self.esp_size_mib * MIB
+
+    @property
+    def esp_end(self):
+        return ESP_START + self.esp_size
+
+    @property
+    def min_target_size(self):
+        return self.esp_end + MIB
+
+    def regions(self):
+        """Byte ranges of the target that the layout defines: (offset, length)."""
+        backup = GPT_BACKUP_SECTORS * SECTOR
+        return [(0, self.esp_end), (self.target_size - backup, backup)]
+
+    def validate(self):
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if not os.path.isfile(path):
+                raise StickError("%s %s does not exist (build the ramdisk first: playbooks/build-image.yml)"
+                                 % (what, path))
+        check_key(self.key_text)
+        if "\n" in self.extra_cmdline or "stiefel-key" in self.extra_cmdline:
+            raise StickError("extra command line must be one line and must not carry the key")
+        if self.esp_size_mib < MIN_ESP_MIB:
+            raise StickError("ESP size %d MiB is below the minimum of %d MiB" % (self.esp_size_mib, MIN_ESP_MIB))
+        payload = os.path.getsize(self.kernel) + os.path.getsize(self.initrd) + 2 * MIB
+        if payload > self.esp_size * 0.95:
+            raise StickError("kernel + initrd (%d MiB) do not fit a %d MiB ESP; raise the ESP size"
+                             % (payload // MIB + 1, self.esp_size_mib))
+        if self.target_size < self.min_target_size:
+            raise StickError("target is %d MiB, the stick layout needs at least %d MiB"
+                             % (self.target_size // MIB, self.min_target_size // MIB))
+
+    # ESP contents -------------------------------------------------------
+    def loader_conf(self):
+        return "default stiefel.conf\ntimeout 0\neditor no\nconsole-mode keep\n"
+
+    def systemd_boot_entry(self):
+        return ("title   stiefel client\n"
+                "linux   /stiefel/vmlinuz\n"
+                "initrd  /stiefel/initrd.img\n"
+                "initrd  /stiefel/key.cpio\n"
+                "options %s\n" % self.cmdline)
+
+    def syslinux_cfg(self):
+        return ("SERIAL 0 115200\n"
+                "DEFAULT stiefel\n"
+                "PROMPT 0\n"
+                "TIMEOUT 0\n"
+                "LABEL stiefel\n"
+                "  LINUX /stiefel/vmlinuz\n"
+                "  APPEND initrd=/stiefel/initrd.img,/stiefel/key.cpio %s\n" % self.cmdline)
+
+    def key_cpio(self):
+        return key_archive(self.key_text)
+
+    def esp_files(self):
+        """[(esp path, bytes or host file path, secret?)] in copy order (manifest excluded)."""
+        return [
+            ("EFI/BOOT/BOOTX64.EFI", ("file", find_first(SYSTEMD_BOOT_CANDIDATES, "systemd-boot")), False),
+            ("loader/loader.conf", ("data", self.loader_conf().encode()), False),
+            ("loader/entries/stiefel.conf", ("data", self.systemd_boot_entry().encode()), False),
+            ("syslinux/syslinux.cfg", ("data", self.syslinux_cfg().encode()), False),
+            ("stiefel/vmlinuz", ("file", self.kernel), False),
+            ("stiefel/initrd.img", ("file", self.initrd), False),
+            ("stiefel/key.cpio", ("data", self.key_cpio()), True),
+        ]
+
+    def manifest(self):
+        files = {}
+        for path, (kind, src), secret in self.esp_files():
+            if secret:
+                continue
+            files[path] = sha256_file(src) if kind == "file" else hashlib.sha256(src).hexdigest()
+        return {
+            "format": FORMAT,
+            "target_size": self.target_size,
+            "esp_start": ESP_START,
+            "esp_size": self.esp_size,
+            "cmdline": self.cmdline,
+            "bootloaders": {"uefi": "systemd-boot", "bios": "syslinux gptmbr.bin"},
+            "files": files,
+        }
+
+    def manifest_bytes(self):
+        return (json.dumps(self.manifest(), indent=1, sort_keys=True) + "\n").encode()
+
+    def plan(self):
+        """A printable plan (no secrets)."""
+        files = []
+        for path, (kind, src), secret in self.esp_files():
+            size = os.path.getsize(src) if kind == "file" else len(src)
+            files.append({"path": "/" + path, "size": size,
+                          "source": src if kind == "file" else ("generated, secret" if secret else "generated")})
+        return {
+            "target_size": self.target_size,
+            "partition_table": "gpt",
+            "partitions": [{"number": 1, "type": "EFI system (LegacyBIOSBootable)", "start": ESP_START,
+                            "size": self.esp_size, "filesystem": "vfat FAT32 label %s" % ESP_LABEL}],
+            "bootloaders": {"uefi": "systemd-boot as EFI/BOOT/BOOTX64.EFI",
+                            "bios": "syslinux (gptmbr.bin in the protective MBR, ldlinux on the ESP)"},
+            "cmdline": self.cmdline,
+            "files": files,
+            "bytes_to_write": sum(length for _, length in self.regions()),
+        }
+
+
+def fat32_cluster_sectors(sectors):
+    """Largest cluster (1..8 sectors) that still gives FAT32 its minimum of 65525 clusters.
+
+    mkfs.fat's default (4 KiB) makes an ESP under ~260 MiB a FAT32 volume with too few
+    clusters, which other FAT drivers (mtools, some firmware) then read as FAT16.
+    """
+    spc = 8
+    while spc > 1 and sectors // spc < 66000:
+        spc //= 2
+    return spc
+
+
+def _mtools_target(image, offset=ESP_START):
+    return "%s@@%d" % (image, offset)
+
+
+def build_image(spec, image, log=print):
+    """Create the sparse stick image ``image`` of ``spec.target_size`` bytes. Returns its regions' SHA-256."""
+    spec.validate()
+    gptmbr = find_first(GPTMBR_CANDIDATES, "syslinux gptmbr.bin")
+    if os.path.exists(image):
+        os.unlink(image)
+    with open(image, "wb") as handle:
+        handle.truncate(spec.target_size)
+    esp_sectors = spec.esp_size // SECTOR
+    log("partitioning (GPT, ESP %d MiB)" % spec.esp_size_mib)
+    script = ("label: gpt\nlabel-id: %s\nfirst-lba: 2048\n"
+              'start=2048, size=%d, type=%s, uuid=%s, name="stiefel-esp", attrs="LegacyBIOSBootable"\n'
+              % (str(uuid.uuid4()).upper(), esp_sectors, ESP_TYPE, str(uuid.uuid4()).upper()))
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", image], stdin=script.encode())
+    log("formatting ESP (FAT32)")
+    volid = "%08x" % int.from_bytes(os.urandom(4), "big")
+    run(["mkfs.fat", "-F", "32", "-s", str(fat32_cluster_sectors(esp_sectors)), "-n", ESP_LABEL,
+         "-i", volid, "-h", str(ESP_START // SECTOR),
+         "--offset=%d" % (ESP_START // SECTOR), image, str(spec.esp_size // 1024)])
+    target = _mtools_target(image)
+    for directory in ("EFI", "EFI/BOOT", "loader", "loader/entries", "syslinux", "stiefel"):
+        run(["mmd", "-i", target, "::/" + directory])
+    log("installing syslinux (legacy BIOS)")
+    run(["syslinux", "--offset", str(ESP_START), "--directory", "/syslinux", "--install", image])
+    with tempfile.TemporaryDirectory(prefix="stiefel-usb-") as tmp:
+        os.chmod(tmp, 0o700)
+        files = spec.esp_files() + [("stiefel/manifest.json", ("data", spec.manifest_bytes()), False)]
+        for path, (kind, src), _secret in files:
+            log("copying /%s" % path)
+            if kind == "data":
+                staged = os.path.join(tmp, os.path.basename(path))
+                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(src)
+                src = staged
+            run(["mcopy", "-o", "-i", target, src, "::/" + path])
+    log("writing BIOS boot code (gptmbr.bin) to the protective MBR")
+    with open(gptmbr, "rb") as handle:
+        code = handle.read(440)
+    with open(image, "r+b") as handle:
+        handle.seek(0)
+        handle.write(code)
+        handle.seek(0x1BE)
+        handle.write(b"\x80")  # PMBR active: some BIOSes only boot "active" disks
+    return region_hashes(image, spec.regions())
+
+
+def region_hashes(path, regions):
+    return [sha256_file(path, off, length) for off, length in regions]
+
+
+def read_esp_file(target, path):
+    """Bytes of ``/path`` on the target's ESP (via mtools, no mount), or None."""
+    try:
+        return run(["mcopy", "-n", "-i", _mtools_target(target), "::/" + path, "-"])
+    except StickError:
+        return None
+
+
+def target_matches(spec, target):
+    """(True, "") if ``target`` already holds exactly this stick; else (False, reason)."""
+    try:
+        size = _size_of(target)
+    except OSError as exc:
+        return False, "cannot read target: %s" % exc
+    if size // SECTOR * SECTOR != spec.target_size:
+        return False, "target size differs"
+    raw = read_esp_file(target, "stiefel/manifest.json")
+    if raw is None:
+        return False, "no stiefel manifest on the target"
+    try:
+        found = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return False, "unreadable manifest on the target"
+    expected = spec.manifest()
+    if not isinstance(found, dict):
+        return False, "unreadable manifest on the target"
+    if found != expected:
+        keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        return False, "manifest differs (%s)" % ", ".join(keys)
+    if read_esp_file(target, "stiefel/key.cpio") != spec.key_cpio():
+        return False, "key differs"
+    for path, digest in expected["files"].items():
+        data = read_esp_file(target, path)
+        if data is None or hashlib.sha256(data).hexdigest() != digest:
+            return False, "/%s differs" % path
+    with open(target, "rb") as handle:
+        mbr = handle.read(SECTOR)
+    with open(find_first(GPTMBR_CANDIDATES, "syslinux gptmbr.bin"), "rb") as handle:
+        if mbr[:440] != handle.read(440) or mbr[510:512] != b"\x55\xaa":
+            return False, "BIOS boot code differs"
+    return True, ""
+
+
+def _size_of(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _drop_cache(fd, is_block):
+    if is_block:
+        try:
+            fcntl.ioctl(fd, BLKFLSBUF)
+        except OSError:
+            pass
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def write_image(image, target, regions, is_block, create_size=0, progress=None):
+    """Copy ``regions`` of ``image`` to ``target``, fsync, drop caches. Reports percent via ``progress``."""
+    total = sum(length for _, length in regions)
+    done = 0
+    if is_block:
+        # O_EXCL on a block device fails with EBUSY if the kernel has it claimed (mounted, in use).
+        flags = os.O_WRONLY | os.O_EXCL
+    else:
+        flags = os.O_WRONLY | os.O_CREAT
+    try:
+        fd = os.open(target, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise StickError("%s is busy (in use by the kernel); refusing to write" % target) from None
+        raise StickError("cannot open %s for writing: %s" % (target, exc.strerror)) from None
+    try:
+        if not is_block and create_size and os.fstat(fd).st_size < create_size:
+            os.ftruncate(fd, create_size)
+        last = -1
+        with open(image, "rb") as src:
+            for offset, length in regions:
+                src.seek(offset)
+                pos = offset
+                end = offset + length
+                while pos < end:
+                    chunk = src.read(min(CHUNK, end - pos))
+                    if not chunk:
+                        raise StickError("image %s is shorter than expected" % image)
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.pwrite(fd, view, pos)
+                        pos += written
+                        done += written
+                        view = view[written:]
+                    pct = done * 100 // total
+                    if progress and pct != last:
+                        progress(pct, done, total)
+                        last = pct
+        os.fsync(fd)
+        _drop_cache(fd, is_block)
+        if is_block:
+            try:
+                fcntl.ioctl(fd, BLKRRPART)  # let the kernel see the new partition table
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return total
+
+
+def verify_target(target, regions, expected, is_block):
+    """Read the regions back from the target (caches dropped first) and compare SHA-256."""
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        _drop_cache(fd, is_block)
+    finally:
+        os.close(fd)
+    found = region_hashes(target, regions)
+    if found != expected:
+        raise StickError("read-back verification failed on %s: wrote %s, read %s" % (target, expected, found))
+    return found
+
+
+def timed(stages, name):
+    """Context helper: ``with timed(stages, 'build'):`` records seconds per stage."""
+
+    class _Timer:
+        def __enter__(self):
+            self.start = time.monotonic()
+
+        def __exit__(self, *exc):
+            stages[name] = round(time.monotonic() - self.start, 2)
+            return False
+
+    return _Timer()
+
+
+def remove_quietly(path):
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
