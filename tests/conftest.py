@@ -31,14 +31,20 @@ try:
 except ImportError:  # hypothesis is in requirements/dev.txt; tolerate its absence
     settings = None
 else:
+    _base = settings.get_profile("default")
+    # ci: many examples, deterministic (derandomize) so a CI failure reproduces,
+    # no deadline (TCG-era machines are slow and shared); dev: quick, random.
     settings.register_profile(
         "ci",
+        parent=_base,
         max_examples=1000,
         deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+        database=None,
         print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
     )
-    settings.register_profile("dev", max_examples=100, deadline=None)
+    settings.register_profile("dev", parent=_base, max_examples=100, deadline=None)
     _default_profile = "ci" if os.environ.get("CI", "").lower() in ("true", "1", "yes") else "dev"
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
 
