@@ -1,0 +1,775 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""THE NBD export settings of stiefel.system: one implementation for everyone.
+
+Users: the ``nbd_serve`` module, the server ramdisk agent (``stiefel-server``)
+and ``bench/nbd_throughput.py``. All of them build the server command line
+here, so the benchmark measures exactly what the laptop serves.
+
+The server is nbdkit's ``file`` plugin (93-95 % of the TCP payload ceiling
+at 1 and 2.5 GbE in our measurements, ahead of nbd-server and qemu-nbd). It
+advertises flush and FUA, and multi-conn whenever nbdkit itself deems it
+safe (the file plugin with the page cache, also under the ``cow`` filter,
+whose overlay is shared by all connections). ``multi_conn=False`` hides it.
+The export name is enforced (``exportname`` filter, strict): a client asking
+for another name is refused.
+
+TLS: ``tls_psk_file`` turns on ``--tls=require --tls-psk=FILE`` (plaintext is
+refused). nbdkit 1.32 has no ``--tls-priority`` option and uses GnuTLS'
+``NORMAL`` priority, which on Debian 12 picks ChaCha20-Poly1305 for PSK
+sessions (about 10x slower than AES-GCM here). With ``tls_aes_gcm_only``
+(default) the server runs with ``GNUTLS_SYSTEM_PRIORITY_FILE`` pointing at a
+file whose ``[overrides]`` disable every other bulk cipher, so only
+AES-128/256-GCM can be negotiated. nbdkit logs the negotiated suite with
+``-D nbdkit.tls.session=1`` (see :func:`parse_tls_session_cipher`).
+
+API for other parts (the ramdisk agent in particular)::
+
+    from ansible_collections.stiefel.system.plugins.module_utils.nbd_export import (
+        ExportSettings, server_argv, server_env, write_gnutls_priority_file,
+        spawn_foreground, export_uri, probe_export, verify_export)
+
+    s = ExportSettings(path="/dev/nvme0n1", name="stiefel",
+                       address="fe80::1%stiefel0", port=10809,
+                       tls_psk_file="/run/stiefel/nbd.psk")
+    prio = write_gnutls_priority_file("/run/stiefel/nbd-gnutls.conf")
+    proc = spawn_foreground(s, prio)          # subprocess.Popen of nbdkit -f
+    info = probe_export(export_uri(s, for_client=True))   # nbdinfo --json
+    problems = verify_export(s, info)         # [] when flags are as promised
+
+Also here (used by ``nbd_serve``): the in-use check that refuses exporting a
+mounted device (:func:`device_users`), the recorded-state file
+(:func:`state_to_json` / :func:`parse_state`), pidfile supervision
+(:func:`pid_matches`) and the systemd unit (:func:`render_systemd_unit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+
+DEFAULT_PORT = 10809
+DEFAULT_EXPORT_NAME = "stiefel"
+STATE_VERSION = 1
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PSK_USER_RE = re.compile(r"^([^:\s]{1,128}):[0-9a-fA-F]+$")
+
+# GnuTLS system configuration that leaves AES-GCM as the only bulk cipher.
+# It applies to every priority string, including nbdkit's built-in NORMAL.
+GNUTLS_AES_GCM_ONLY = """\
+# Written by stiefel.system (nbd_export): NBD over TLS uses AES-GCM only.
+# GnuTLS on Debian 12 would pick ChaCha20-Poly1305 for PSK sessions.
+[overrides]
+tls-disabled-cipher = CHACHA20-POLY1305
+tls-disabled-cipher = AES-128-CCM
+tls-disabled-cipher = AES-256-CCM
+tls-disabled-cipher = AES-128-CCM-8
+tls-disabled-cipher = AES-256-CCM-8
+tls-disabled-cipher = AES-128-CBC
+tls-disabled-cipher = AES-256-CBC
+tls-disabled-cipher = CAMELLIA-128-GCM
+tls-disabled-cipher = CAMELLIA-256-GCM
+tls-disabled-cipher = CAMELLIA-128-CBC
+tls-disabled-cipher = CAMELLIA-256-CBC
+tls-disabled-cipher = 3DES-CBC
+"""
+AES_GCM_CIPHERS = frozenset(("AES-128-GCM", "AES-256-GCM"))
+
+
+class NbdExportError(StiefelError):
+    """Invalid export settings, or the export cannot be served as asked."""
+
+
+class NbdInfoError(NbdExportError):
+    """``nbdinfo --json`` output that is not a usable description of the export."""
+
+
+class StateFileError(NbdExportError):
+    """A recorded export state file that is unreadable or not ours."""
+
+
+class DeviceInUse(NbdExportError):
+    """The device (or a partition / holder of it) is mounted or used on this host."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """What is served, where, and how. Immutable; compare with ``==``."""
+
+    path: str
+    name: str = DEFAULT_EXPORT_NAME
+    address: str = "::"
+    port: int = DEFAULT_PORT
+    read_only: bool = False
+    copy_on_write: bool = False
+    multi_conn: bool = True
+    tls_psk_file: str | None = None
+    tls_aes_gcm_only: bool = True
+    threads: int = 16
+
+    def __post_init__(self):
+        for field in ("read_only", "copy_on_write", "multi_conn", "tls_aes_gcm_only"):
+            if not isinstance(getattr(self, field), bool):
+                raise NbdExportError("%s must be a boolean" % field)
+        if not isinstance(self.path, str) or not self.path.startswith("/") or "\0" in self.path:
+            raise NbdExportError("path must be an absolute path, got %r" % (self.path,))
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+            raise NbdExportError(
+                "export name must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . _ -), got %r"
+                % (self.name,))
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise NbdExportError("port must be an integer 1-65535, got %r" % (self.port,))
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 1 <= self.threads <= 1024:
+            raise NbdExportError("threads must be an integer 1-1024, got %r" % (self.threads,))
+        if not isinstance(self.address, str):
+            raise NbdExportError("address must be a string")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise NbdExportError("address must be an IP address (IPv6 may carry a %%scope), got %r"
+                                 % (self.address,)) from None
+        if self.tls_psk_file is not None and (
+                not isinstance(self.tls_psk_file, str) or not self.tls_psk_file.startswith("/")
+                or "\0" in self.tls_psk_file):
+            raise NbdExportError("tls_psk_file must be an absolute path or None")
+        if self.read_only and self.copy_on_write:
+            raise NbdExportError("read_only and copy_on_write exclude each other "
+                                 "(copy_on_write already keeps the exported data unchanged)")
+
+    @property
+    def writable(self) -> bool:
+        return not self.read_only
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "ExportSettings":
+        if not isinstance(data, dict):
+            raise NbdExportError("settings must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise NbdExportError("unknown settings: %s" % ", ".join(sorted(map(str, unknown))))
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise NbdExportError("incomplete settings: %s" % exc) from None
+
+
+# ---------------------------------------------------------------- server argv
+
+def server_argv(settings: ExportSettings, *, foreground: bool = True, pidfile: str | None = None,
+                nbdkit: str = "nbdkit", debug_tls: bool = False, verbose: bool = False) -> list:
+    """The nbdkit command line serving ``settings``.
+
+    ``foreground`` keeps nbdkit attached (agents, tests, benches); otherwise
+    it daemonizes once its sockets are bound and writes ``pidfile``.
+    ``debug_tls`` adds ``-D nbdkit.tls.session=1`` so the negotiated cipher
+    is logged on stderr.
+    """
+    argv = [nbdkit]
+    if foreground:
+        argv.append("--foreground")
+    if pidfile:
+        argv += ["--pidfile", pidfile]
+    if verbose:
+        argv.append("--verbose")
+    if debug_tls:
+        argv += ["-D", "nbdkit.tls.session=1"]
+    argv += ["--ipaddr", settings.address, "--port", str(settings.port),
+             "--threads", str(settings.threads), "--newstyle"]
+    if settings.read_only:
+        argv.append("--readonly")
+    if settings.tls_psk_file:
+        argv += ["--tls=require", "--tls-psk=%s" % settings.tls_psk_file]
+    # The first filter is the outermost layer.
+    if not settings.multi_conn:
+        argv.append("--filter=multi-conn")
+    argv.append("--filter=exportname")
+    if settings.copy_on_write:
+        argv.append("--filter=cow")
+    argv += ["file", "file=%s" % settings.path]
+    argv += ["exportname=%s" % settings.name, "exportname-strict=true", "exportname-list=explicit"]
+    if not settings.multi_conn:
+        argv.append("multi-conn-mode=disable")
+    return argv
+
+
+def server_env(settings: ExportSettings, priority_file: str | None, base: dict | None = None) -> dict:
+    """The environment for nbdkit: ``base`` (default ``os.environ``) plus the
+    GnuTLS override when TLS with AES-GCM only is asked for."""
+    env = dict(os.environ if base is None else base)
+    env.pop("GNUTLS_SYSTEM_PRIORITY_FILE", None)
+    extra = tls_environment(settings, priority_file)
+    env.update(extra)
+    return env
+
+
+def tls_environment(settings: ExportSettings, priority_file: str | None) -> dict:
+    """Only the variables :func:`server_env` adds (for a systemd unit)."""
+    if settings.tls_psk_file and settings.tls_aes_gcm_only:
+        if not priority_file:
+            raise NbdExportError("TLS with AES-GCM only needs a GnuTLS priority file")
+        return {"GNUTLS_SYSTEM_PRIORITY_FILE": priority_file,
+                "GNUTLS_SYSTEM_PRIORITY_FAIL_ON_INVALID": "1"}
+    return {}
+
+
+def atomic_write(path: str, data: str, mode: int = 0o600) -> bool:
+    """Write ``data`` to ``path`` via a temp file + rename; False if unchanged."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            if handle.read() == data and stat.S_IMODE(os.stat(path).st_mode) == mode:
+                return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".stiefel-", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True
+
+
+def write_gnutls_priority_file(path: str) -> str:
+    """Write the AES-GCM-only GnuTLS override to ``path`` (0644) and return it."""
+    atomic_write(path, GNUTLS_AES_GCM_ONLY, 0o644)
+    return path
+
+
+def spawn_foreground(settings: ExportSettings, priority_file: str | None = None, *,
+                     debug_tls: bool = False, **popen_kwargs) -> subprocess.Popen:
+    """Start nbdkit in the foreground (for agents and benches); the caller owns it."""
+    argv = server_argv(settings, foreground=True, debug_tls=debug_tls)
+    env = server_env(settings, priority_file, popen_kwargs.pop("env", None))
+    return subprocess.Popen(argv, env=env, **popen_kwargs)  # pylint: disable=consider-using-with
+
+
+def host_for_uri(address: str) -> str:
+    """``address`` as the host part of an NBD URI (wildcards become loopback)."""
+    addr = ipaddress.ip_address(address)
+    if addr.is_unspecified:
+        return "localhost"
+    if addr.version == 6:
+        text = str(address)
+        return "[%s]" % text.replace("%", "%25")
+    return str(addr)
+
+
+def export_uri(settings: ExportSettings, *, host: str | None = None, for_client: bool = False,
+               tls_username: str | None = None) -> str:
+    """The NBD URI of the export (``nbd://`` or ``nbds://`` with TLS).
+
+    With ``for_client`` and TLS, the URI carries the PSK user and file so
+    libnbd tools (nbdinfo, nbdcopy) can connect: only use it on the server.
+    """
+    host = host or host_for_uri(settings.address)
+    if not settings.tls_psk_file:
+        return "nbd://%s:%d/%s" % (host, settings.port, settings.name)
+    if not for_client:
+        return "nbds://%s:%d/%s" % (host, settings.port, settings.name)
+    user = tls_username or psk_username(settings.tls_psk_file)
+    return "nbds://%s@%s:%d/%s?tls-psk-file=%s" % (user, host, settings.port, settings.name,
+                                                  settings.tls_psk_file)
+
+
+def psk_username(psk_file: str) -> str:
+    """The first user name in an nbdkit/GnuTLS PSK file (``user:hex`` lines)."""
+    try:
+        with open(psk_file, "r", encoding="utf-8") as handle:
+            for line in handle:
+                match = PSK_USER_RE.match(line.strip())
+                if match:
+                    return match.group(1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NbdExportError("cannot read PSK file %s: %s" % (psk_file, exc)) from None
+    raise NbdExportError("PSK file %s holds no user:hexkey line" % psk_file)
+
+
+def parse_tls_session_cipher(log_text: str) -> list:
+    """Ciphers named in nbdkit's ``TLS session: (TLS1.3)--(AES-128-GCM)`` debug lines."""
+    found = []
+    for match in re.finditer(r"TLS session: \S*\(([A-Za-z0-9-]+)\)[ \t]*$", log_text, re.MULTILINE):
+        found.append(match.group(1))
+    return found
+
+
+# ---------------------------------------------------------------- nbdinfo
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    name: str
+    size: int
+    read_only: bool
+    can_flush: bool
+    can_fua: bool
+    can_multi_conn: bool
+    tls: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+NBDINFO_MAX = 1 << 20
+
+
+def parse_nbdinfo_json(text, export_name: str | None = None) -> ExportInfo:
+    """Parse ``nbdinfo --json`` output; raise :class:`NbdInfoError` on anything odd."""
+    if isinstance(text, (bytes, bytearray)):
+        if len(text) > NBDINFO_MAX:
+            raise NbdInfoError("nbdinfo output is too large")
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise NbdInfoError("nbdinfo output is not UTF-8") from None
+    if not isinstance(text, str):
+        raise NbdInfoError("nbdinfo output must be text")
+    if len(text) > NBDINFO_MAX:
+        raise NbdInfoError("nbdinfo output is too large")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise NbdInfoError("nbdinfo output is not JSON") from None
+    if not isinstance(doc, dict):
+        raise NbdInfoError("nbdinfo output is not a JSON object")
+    exports = doc.get("exports")
+    if not isinstance(exports, list) or not exports:
+        raise NbdInfoError("nbdinfo output lists no exports")
+    chosen = None
+    for entry in exports:
+        if not isinstance(entry, dict):
+            raise NbdInfoError("nbdinfo export entry is not an object")
+        if export_name is None or entry.get("export-name") == export_name:
+            chosen = entry
+            break
+    if chosen is None:
+        raise NbdInfoError("nbdinfo output has no export named %r" % (export_name,))
+
+    def flag(key):
+        value = chosen.get(key)
+        if not isinstance(value, bool):
+            raise NbdInfoError("nbdinfo field %s is missing or not a boolean" % key)
+        return value
+
+    size = chosen.get("export-size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size >= 1 << 63:
+        raise NbdInfoError("nbdinfo field export-size is missing or invalid")
+    name = chosen.get("export-name", "")
+    if not isinstance(name, str):
+        raise NbdInfoError("nbdinfo field export-name is not a string")
+    tls = doc.get("TLS", False)
+    if not isinstance(tls, bool):
+        raise NbdInfoError("nbdinfo field TLS is not a boolean")
+    return ExportInfo(name=name, size=size, read_only=flag("is_read_only"), can_flush=flag("can_flush"),
+                      can_fua=flag("can_fua"), can_multi_conn=flag("can_multi_conn"), tls=tls)
+
+
+def probe_export(uri: str, *, nbdinfo: str = "nbdinfo", timeout: float = 30.0, run=subprocess.run,
+                 env: dict | None = None) -> ExportInfo:
+    """Ask the running export about itself with ``nbdinfo --json URI``."""
+    try:
+        proc = run([nbdinfo, "--json", uri], capture_output=True, timeout=timeout, check=False, env=env)
+    except FileNotFoundError:
+        raise NbdExportError("%s not found (Debian package libnbd-bin)" % nbdinfo) from None
+    except subprocess.TimeoutExpired:
+        raise NbdExportError("nbdinfo timed out after %ss" % timeout) from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace") if isinstance(proc.stderr, bytes) else str(proc.stderr)
+        raise NbdExportError("nbdinfo failed (rc=%s): %s" % (proc.returncode, err.strip()))
+    return parse_nbdinfo_json(proc.stdout)
+
+
+def expected_flags(settings: ExportSettings) -> dict:
+    """The flags an export with ``settings`` must advertise."""
+    return {
+        "read_only": settings.read_only,
+        "can_flush": True,
+        "can_fua": settings.writable,
+        "can_multi_conn": settings.multi_conn,
+        "tls": bool(settings.tls_psk_file),
+    }
+
+
+def verify_export(settings: ExportSettings, info: ExportInfo, size: int | None = None) -> list:
+    """Differences between what ``settings`` promise and what the server advertises."""
+    problems = []
+    for key, want in expected_flags(settings).items():
+        have = getattr(info, key)
+        if have != want:
+            problems.append("%s is %s, expected %s" % (key, have, want))
+    if size is not None and info.size != size:
+        problems.append("size is %d, expected %d" % (info.size, size))
+    return problems
+
+
+def source_size(path: str) -> int:
+    """Size in bytes of an image file or block device."""
+    with open(path, "rb") as handle:
+        return handle.seek(0, os.SEEK_END)
+
+
+# ---------------------------------------------------------------- recorded state
+
+STATE_MAX = 64 * 1024
+
+
+def state_to_json(settings: ExportSettings, argv: list, extra: dict | None = None) -> str:
+    doc = {"version": STATE_VERSION, "kind": "stiefel-nbd-export", "settings": settings.to_dict(),
+           "argv": list(argv)}
+    if extra:
+        doc["extra"] = extra
+    return json.dumps(doc, sort_keys=True, indent=1) + "\n"
+
+
+def parse_state(text):
+    """Parse a state file into ``(settings, argv)``; :class:`StateFileError` otherwise."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise StateFileError("state file is not UTF-8") from None
+    if not isinstance(text, str) or len(text) > STATE_MAX:
+        raise StateFileError("state file is too large or not text")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise StateFileError("state file is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "stiefel-nbd-export":
+        raise StateFileError("not a stiefel NBD export state file")
+    if doc.get("version") != STATE_VERSION:
+        raise StateFileError("unsupported state file version %r" % (doc.get("version"),))
+    argv = doc.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise StateFileError("state file argv is not a list of strings")
+    try:
+        settings = ExportSettings.from_dict(doc.get("settings"))
+    except NbdExportError as exc:
+        raise StateFileError("state file settings are invalid: %s" % exc) from None
+    return settings, argv
+
+
+def read_state(path: str):
+    """``(settings, argv)`` recorded at ``path``, or ``None`` if it is absent or unusable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(STATE_MAX + 1)
+    except FileNotFoundError:
+        return None
+    try:
+        return parse_state(data)
+    except StateFileError:
+        return None
+
+
+# ---------------------------------------------------------------- pidfile supervision
+
+def read_pidfile(path: str) -> int | None:
+    try:
+        with open(path, "r", encoding="ascii") as handle:
+            text = handle.read(32).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.isdigit() or not 1 < int(text) < 1 << 22:
+        return None
+    return int(text)
+
+
+def process_argv(pid: int) -> list | None:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]
+
+
+def pid_matches(pid: int | None, argv: list) -> bool:
+    """True if process ``pid`` runs exactly ``argv`` (program compared by basename)."""
+    if not pid:
+        return False
+    running = process_argv(pid)
+    if not running or len(running) != len(argv):
+        return False
+    return os.path.basename(running[0]) == os.path.basename(argv[0]) and running[1:] == argv[1:]
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM then, after ``timeout``, SIGKILL one process; wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid, "r", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] != "Z"
+
+
+def start_daemon(settings: ExportSettings, pidfile: str, priority_file: str | None,
+                 logfile: str | None = None, nbdkit: str = "nbdkit", timeout: float = 15.0) -> int:
+    """Start nbdkit detached (it forks once listening) and return its PID from ``pidfile``."""
+    argv = server_argv(settings, foreground=False, pidfile=pidfile, nbdkit=nbdkit)
+    env = server_env(settings, priority_file)
+    try:
+        os.unlink(pidfile)
+    except FileNotFoundError:
+        pass
+    # nbdkit's daemon child may keep stderr open: never use a pipe here.
+    if logfile:
+        log = open(logfile, "ab+")  # pylint: disable=consider-using-with
+    else:
+        log = tempfile.TemporaryFile()  # pylint: disable=consider-using-with
+    try:
+        start = log.seek(0, os.SEEK_END)
+        try:
+            proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                  timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise NbdExportError("%s not found (Debian package nbdkit)" % nbdkit) from None
+        if proc.returncode != 0:
+            log.seek(start)
+            message = log.read(8192).decode("utf-8", "replace").strip()
+            raise NbdExportError("nbdkit failed to start (rc=%d): %s" % (proc.returncode, message))
+    finally:
+        log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = read_pidfile(pidfile)
+        if pid and pid_matches(pid, argv):
+            return pid
+        time.sleep(0.05)
+    raise NbdExportError("nbdkit did not write its pidfile %s" % pidfile)
+
+
+# ---------------------------------------------------------------- systemd
+
+def _systemd_quote(arg: str) -> str:
+    if arg and re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", arg) and "%" not in arg:
+        return arg
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return '"%s"' % escaped
+
+
+def unit_name(name: str) -> str:
+    return "stiefel-nbd-%s.service" % name
+
+
+def render_systemd_unit(settings: ExportSettings, pidfile: str, priority_file: str | None,
+                        nbdkit: str = "/usr/bin/nbdkit") -> str:
+    """A forking service running nbdkit with ``settings`` (nbdkit writes ``pidfile`` once listening)."""
+    argv = server_argv(settings, foreground=False, pidfile=pidfile, nbdkit=nbdkit)
+    lines = [
+        "# Generated by stiefel.system (nbd_serve); changes are overwritten.",
+        "[Unit]",
+        "Description=stiefel NBD export %s (nbdkit)" % settings.name,
+        "Documentation=man:nbdkit(1) man:nbdkit-file-plugin(1)",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=forking",
+        "PIDFile=%s" % pidfile,
+    ]
+    for key, value in sorted(tls_environment(settings, priority_file).items()):
+        lines.append("Environment=%s" % _systemd_quote("%s=%s" % (key, value)))
+    lines += [
+        "ExecStart=%s" % " ".join(_systemd_quote(a) for a in argv),
+        "Restart=on-failure",
+        "RestartSec=2",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- in-use check
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _unescape_mount(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list:
+    """``[(major_minor, mountpoint, source, read_write)]`` from /proc/self/mountinfo."""
+    mounts = []
+    for line in text.splitlines():
+        parts = line.split(" ")
+        try:
+            sep = parts.index("-", 6)
+        except ValueError:
+            continue
+        if len(parts) < sep + 4:
+            continue
+        # The superblock options decide whether the filesystem writes to the device.
+        read_write = "rw" in parts[sep + 3].split(",")
+        mounts.append((parts[2], _unescape_mount(parts[4]), _unescape_mount(parts[sep + 2]), read_write))
+    return mounts
+
+
+def related_block_devices(path: str, sysfs: str = "/sys") -> dict:
+    """``{kernel_name: "major:minor"}`` of a block device, its partitions and
+    (recursively) every holder of them (device-mapper, md, loop on top)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if not stat.S_ISBLK(st.st_mode):
+        return {}
+    start = os.path.realpath("%s/dev/block/%d:%d" % (sysfs, os.major(st.st_rdev), os.minor(st.st_rdev)))
+    found = {}
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        name = os.path.basename(node)
+        if name in found:
+            continue
+        devnum = _read(os.path.join(node, "dev"))
+        if devnum is None:
+            continue
+        found[name] = devnum
+        try:
+            entries = os.listdir(node)
+        except OSError:
+            entries = []
+        for entry in entries:  # partitions are subdirectories with a "partition" file
+            if os.path.exists(os.path.join(node, entry, "partition")):
+                todo.append(os.path.join(node, entry))
+        holders = os.path.join(node, "holders")
+        try:
+            for holder in os.listdir(holders):
+                todo.append(os.path.realpath(os.path.join(holders, holder)))
+        except OSError:
+            pass
+    return found
+
+
+def loops_backed_by(path: str, sysfs: str = "/sys") -> list:
+    """``/dev/loopN`` devices whose backing file is ``path``."""
+    real = os.path.realpath(path)
+    result = []
+    try:
+        names = os.listdir(os.path.join(sysfs, "block"))
+    except OSError:
+        return result
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        backing = _read(os.path.join(sysfs, "block", name, "loop", "backing_file"))
+        if backing and os.path.realpath(backing) == real:
+            result.append("/dev/" + name)
+    return result
+
+
+def device_users(path: str, *, writable_export: bool = True, mountinfo: str | None = None,
+                 swaps: str | None = None, sysfs: str = "/sys") -> list:
+    """Reasons why exporting ``path`` would be unsafe on this host (empty: safe).
+
+    A block device is in use if it, one of its partitions, or anything stacked
+    on them (holders) is mounted read-write, is swap, or is a device-mapper /
+    md holder; a read-only mount only blocks a writable export. An image file
+    counts as its loop devices.
+    """
+    if mountinfo is None:
+        mountinfo = _read("/proc/self/mountinfo") or ""
+    if swaps is None:
+        swaps = _read("/proc/swaps") or ""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        raise NbdExportError("cannot export %s: %s" % (path, exc.strerror)) from None
+    if stat.S_ISBLK(st.st_mode):
+        candidates = [real]
+    elif stat.S_ISREG(st.st_mode):
+        candidates = loops_backed_by(real, sysfs)
+    else:
+        raise NbdExportError("cannot export %s: not a block device or regular file" % path)
+    reasons = []
+    mounts = parse_mountinfo(mountinfo)
+    for dev in candidates:
+        related = related_block_devices(dev, sysfs)
+        devnums = {num: name for name, num in related.items()}
+        names = set(related)
+        for devnum, mountpoint, source, rw in mounts:
+            src = os.path.basename(os.path.realpath(source)) if source.startswith("/dev/") else None
+            hit = devnums.get(devnum) or (src if src in names else None)
+            if hit and (rw or writable_export):
+                reasons.append("%s is mounted %s on %s" % ("/dev/" + hit, "read-write" if rw else "read-only",
+                                                           mountpoint))
+        for line in swaps.splitlines()[1:]:
+            field = line.split()[0] if line.split() else ""
+            if field.startswith("/dev/") and os.path.basename(os.path.realpath(field)) in names:
+                reasons.append("%s is in use as swap" % field)
+        base = os.path.basename(dev)
+        for name in sorted(names):
+            if name != base and (name.startswith("dm-") or name.startswith("md")):
+                reasons.append("/dev/%s (stacked on %s) is active" % (name, dev))
+        if not reasons and writable_export and _busy(dev):
+            reasons.append("%s is busy (claimed exclusively by the kernel)" % dev)
+    return sorted(set(reasons))
+
+
+def _busy(dev: str) -> bool:
+    """True if the kernel refuses an exclusive open (mounted, swap, holder, ...)."""
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def check_exportable(path: str, writable_export: bool = True) -> None:
+    """Raise :class:`DeviceInUse` with every reason if ``path`` must not be exported."""
+    reasons = device_users(path, writable_export=writable_export)
+    if reasons:
+        raise DeviceInUse("refusing to export %s: %s" % (path, "; ".join(reasons)))
