@@ -39,7 +39,7 @@ API for other parts (the ramdisk agent in particular)::
     problems = verify_export(s, info)         # [] when flags are as promised
 
 Also here (used by ``nbd_serve``): the in-use check that refuses exporting a
-mounted device (:func:`device_users`), the recorded-state file
+mounted device (:func:`device_users`, over ``blockdev.inspect_target``), the recorded-state file
 (:func:`state_to_json` / :func:`parse_state`), pidfile supervision
 (:func:`pid_matches`) and the systemd unit (:func:`render_systemd_unit`).
 """
@@ -58,6 +58,7 @@ import subprocess
 import tempfile
 import time
 
+from ansible_collections.stiefel.system.plugins.module_utils.blockdev import HostView, inspect_target
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
 DEFAULT_PORT = 10809
@@ -627,135 +628,67 @@ def render_systemd_unit(settings: ExportSettings, pidfile: str, priority_file: s
 
 
 # ---------------------------------------------------------------- in-use check
+# The mount / swap / holder inspection is blockdev's (shared with the USB
+# writer); here only what differs for serving: partitions may be exported, a
+# read-only export is fine on a read-only device, an image file counts as the
+# loop devices backed by it, and the kernel's exclusive-open check is added.
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def _unescape_mount(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list:
-    """``[(major_minor, mountpoint, source, read_write)]`` from /proc/self/mountinfo."""
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split(" ")
-        try:
-            sep = parts.index("-", 6)
-        except ValueError:
-            continue
-        if len(parts) < sep + 4:
-            continue
-        # The superblock options decide whether the filesystem writes to the device.
-        read_write = "rw" in parts[sep + 3].split(",")
-        mounts.append((parts[2], _unescape_mount(parts[4]), _unescape_mount(parts[sep + 2]), read_write))
-    return mounts
-
-
-def related_block_devices(path: str, sysfs: str = "/sys") -> dict:
-    """``{kernel_name: "major:minor"}`` of a block device, its partitions and
-    (recursively) every holder of them (device-mapper, md, loop on top)."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    if not stat.S_ISBLK(st.st_mode):
-        return {}
-    start = os.path.realpath("%s/dev/block/%d:%d" % (sysfs, os.major(st.st_rdev), os.minor(st.st_rdev)))
-    found = {}
-    todo = [start]
-    while todo:
-        node = todo.pop()
-        name = os.path.basename(node)
-        if name in found:
-            continue
-        devnum = _read(os.path.join(node, "dev"))
-        if devnum is None:
-            continue
-        found[name] = devnum
-        try:
-            entries = os.listdir(node)
-        except OSError:
-            entries = []
-        for entry in entries:  # partitions are subdirectories with a "partition" file
-            if os.path.exists(os.path.join(node, entry, "partition")):
-                todo.append(os.path.join(node, entry))
-        holders = os.path.join(node, "holders")
-        try:
-            for holder in os.listdir(holders):
-                todo.append(os.path.realpath(os.path.join(holders, holder)))
-        except OSError:
-            pass
-    return found
-
-
-def loops_backed_by(path: str, sysfs: str = "/sys") -> list:
+def loops_backed_by(path: str, view: HostView | None = None) -> list:
     """``/dev/loopN`` devices whose backing file is ``path``."""
-    real = os.path.realpath(path)
+    view = view or HostView()
+    real = view.realpath(path)
     result = []
-    try:
-        names = os.listdir(os.path.join(sysfs, "block"))
-    except OSError:
-        return result
-    for name in names:
+    for name in view.listdir(os.path.join(view.sys_root, "block")):
         if not name.startswith("loop"):
             continue
-        backing = _read(os.path.join(sysfs, "block", name, "loop", "backing_file"))
-        if backing and os.path.realpath(backing) == real:
+        backing = view.sysfs_attr(os.path.join(view.sys_root, "block", name), "loop/backing_file")
+        if backing and view.realpath(backing) == real:
             result.append("/dev/" + name)
     return result
 
 
-def device_users(path: str, *, writable_export: bool = True, mountinfo: str | None = None,
-                 swaps: str | None = None, sysfs: str = "/sys") -> list:
+def _block_reasons(info, writable_export: bool) -> list:
+    reasons = []
+    if info.system_mounts:
+        reasons.append("%s holds the running system (%s)" % (info.path, ", ".join(info.system_mounts)))
+    for entry in info.mounted:
+        reasons.append("%s is mounted (%s)" % (info.path, entry))
+    for entry in info.swap:
+        reasons.append("%s is in use as swap (%s)" % (info.path, entry))
+    if info.holders and not info.mounted:
+        reasons.append("%s is in use by %s (device-mapper/RAID/loop on top of it)"
+                       % (info.path, ", ".join("/dev/" + h for h in info.holders)))
+    if writable_export and info.read_only:
+        reasons.append("%s is a read-only device; export it with read_only" % info.path)
+    return reasons
+
+
+def device_users(path: str, *, writable_export: bool = True, view: HostView | None = None) -> list:
     """Reasons why exporting ``path`` would be unsafe on this host (empty: safe).
 
-    A block device is in use if it, one of its partitions, or anything stacked
-    on them (holders) is mounted read-write, is swap, or is a device-mapper /
-    md holder; a read-only mount only blocks a writable export. An image file
-    counts as its loop devices.
+    A block device is refused if it, its disk's partitions, or anything stacked
+    on them (holders) is mounted or used as swap, or if it holds the running
+    system; an image file is refused if a loop device backed by it is.
     """
-    if mountinfo is None:
-        mountinfo = _read("/proc/self/mountinfo") or ""
-    if swaps is None:
-        swaps = _read("/proc/swaps") or ""
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError as exc:
-        raise NbdExportError("cannot export %s: %s" % (path, exc.strerror)) from None
-    if stat.S_ISBLK(st.st_mode):
-        candidates = [real]
-    elif stat.S_ISREG(st.st_mode):
-        candidates = loops_backed_by(real, sysfs)
-    else:
-        raise NbdExportError("cannot export %s: not a block device or regular file" % path)
-    reasons = []
-    mounts = parse_mountinfo(mountinfo)
-    for dev in candidates:
-        related = related_block_devices(dev, sysfs)
-        devnums = {num: name for name, num in related.items()}
-        names = set(related)
-        for devnum, mountpoint, source, rw in mounts:
-            src = os.path.basename(os.path.realpath(source)) if source.startswith("/dev/") else None
-            hit = devnums.get(devnum) or (src if src in names else None)
-            if hit and (rw or writable_export):
-                reasons.append("%s is mounted %s on %s" % ("/dev/" + hit, "read-write" if rw else "read-only",
-                                                           mountpoint))
-        for line in swaps.splitlines()[1:]:
-            field = line.split()[0] if line.split() else ""
-            if field.startswith("/dev/") and os.path.basename(os.path.realpath(field)) in names:
-                reasons.append("%s is in use as swap" % field)
-        base = os.path.basename(dev)
-        for name in sorted(names):
-            if name != base and (name.startswith("dm-") or name.startswith("md")):
-                reasons.append("/dev/%s (stacked on %s) is active" % (name, dev))
-        if not reasons and writable_export and _busy(dev):
-            reasons.append("%s is busy (claimed exclusively by the kernel)" % dev)
-    return sorted(set(reasons))
+    view = view or HostView()
+    info = inspect_target(path, view=view)
+    if info.kind == "missing":
+        raise NbdExportError("cannot export %s: it does not exist" % path)
+    if info.kind == "other":
+        raise NbdExportError("cannot export %s: not a block device or regular file (%s)"
+                             % (path, "; ".join(info.refusals)))
+    if info.kind == "file":
+        reasons = []
+        for loop in loops_backed_by(info.resolved, view):
+            sub = inspect_target(loop, view=view)
+            reasons += ["%s is attached as %s: %s" % (path, loop, r)
+                        for r in _block_reasons(sub, writable_export=False)]
+        return reasons
+    reasons = _block_reasons(info, writable_export)
+    real_host = type(view) is HostView  # pylint: disable=unidiomatic-typecheck
+    if not reasons and writable_export and real_host and _busy(info.resolved):
+        reasons.append("%s is busy (claimed exclusively by the kernel)" % path)
+    return reasons
 
 
 def _busy(dev: str) -> bool:
