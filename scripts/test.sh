@@ -169,6 +169,16 @@ stage_integration() {
         stage_note="no test files"
         return 3
     fi
+    # A test under tests/integration without the marker would never run here
+    # (and not in the unit stage either): refuse that instead of hiding it.
+    local unmarked
+    unmarked=$("$here/.venv/bin/python" -m pytest --collect-only -q -p no:cacheprovider \
+        -m "not integration" tests/integration 2>/dev/null | grep '::' || true)
+    if [ -n "$unmarked" ]; then
+        echo "integration: these tests lack @pytest.mark.integration (they would never run):"
+        printf '%s\n' "$unmarked"
+        return 1
+    fi
     if [ "$(id -u)" -ne 0 ]; then
         echo "integration: WARNING: not root; tests that need root will be skipped"
     fi
