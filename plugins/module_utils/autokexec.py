@@ -1,0 +1,231 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The laptop's autokexec service: reboot into the server ramdisk when an authenticated client asks.
+
+It answers DISCOVER with an OFFER (ROLE_AUTOKEXEC) carrying a fresh
+challenge; a KEXEC_REQUEST that answers that challenge (once, in time, with
+the right key) gets a KEXEC_ACK, then the laptop kexecs into the ramdisk
+with ``stiefel.role=server`` and the configured command line, the key
+delivered in an extra cpio appended to the ramdisk initrd. It also triggers
+when a configured NIC (by MAC) appears. Forged, replayed and wrongly keyed
+packets are logged and dropped. It refuses to run on a system that was
+itself booted by stiefel (``stiefel.mac=`` on /proc/cmdline).
+
+Config file (JSON, default ``/etc/stiefel/autokexec.json``)::
+
+    {"version": 1,
+     "kernel": "/boot/stiefel/vmlinuz",          # the stiefel ramdisk kernel
+     "initrd": "/boot/stiefel/initrd.img",       # the stiefel ramdisk initrd
+     "cmdline": "stiefel.disk=UUID=... stiefel.boot=UUID=... console=tty0",
+     "macs": ["aa:bb:cc:dd:ee:ff"],              # stiefel NICs: listen only there, trigger when one appears
+     "key": "/etc/stiefel/key"}                  # optional
+
+``macs`` may be empty: then every interface is listened on and no NIC triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyfile, keyschedule
+from ansible_collections.stiefel.system.plugins.module_utils import messages
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import (
+    DEFAULT_KEY_PATH,
+    RUN_DIR,
+    parse_cmdline,
+    strip_stiefel_options,
+)
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+
+DEFAULT_CONFIG_PATH = "/etc/stiefel/autokexec.json"
+CONFIG_VERSION = 1
+MAX_CONFIG = 64 * 1024
+_MAC = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+_KEYS = {"version", "kernel", "initrd", "cmdline", "macs", "key"}
+
+
+class AutokexecError(StiefelError):
+    """The autokexec configuration is unusable or the kexec failed."""
+
+
+def parse_config(raw):
+    """Validate the config file contents; return a normalised dict."""
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_CONFIG:
+            raise AutokexecError("autokexec config larger than %d bytes" % MAX_CONFIG)
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise AutokexecError("autokexec config is not UTF-8") from None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AutokexecError("autokexec config is not JSON") from None
+    if not isinstance(doc, dict):
+        raise AutokexecError("autokexec config must be a JSON object")
+    unknown = set(doc) - _KEYS
+    if unknown:
+        raise AutokexecError("unknown keys in autokexec config: %s" % ", ".join(sorted(map(str, unknown)))[:200])
+    if doc.get("version") != CONFIG_VERSION or isinstance(doc.get("version"), bool):
+        raise AutokexecError("autokexec config version must be %d" % CONFIG_VERSION)
+    out = {"version": CONFIG_VERSION}
+    for name in ("kernel", "initrd"):
+        value = doc.get(name)
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise AutokexecError("%s must be an absolute path" % name)
+        out[name] = value
+    cmdline = doc.get("cmdline", "")
+    if not isinstance(cmdline, str) or "\n" in cmdline or "\0" in cmdline or len(cmdline) > 2048:
+        raise AutokexecError("cmdline must be one line of at most 2048 characters")
+    out["cmdline"] = cmdline
+    macs = doc.get("macs", [])
+    if not isinstance(macs, list) or not all(isinstance(m, str) and _MAC.match(m.lower()) for m in macs):
+        raise AutokexecError("macs must be a list of MAC addresses (aa:bb:cc:dd:ee:ff)")
+    out["macs"] = sorted({m.lower() for m in macs})
+    key = doc.get("key", DEFAULT_KEY_PATH)
+    if not isinstance(key, str) or not key.startswith("/"):
+        raise AutokexecError("key must be an absolute path")
+    out["key"] = key
+    return out
+
+
+def load_config(path):
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG + 1)
+    except OSError as exc:
+        raise AutokexecError("cannot read autokexec config %s: %s" % (path, exc.strerror or exc)) from None
+    return parse_config(raw)
+
+
+def already_stiefeled(proc_cmdline):
+    """True when this system was booted by stiefel (it must never kexec away from an NBD root)."""
+    return "mac" in parse_cmdline(proc_cmdline)
+
+
+def server_cmdline(config_cmdline):
+    """The ramdisk command line: the configured options with ``stiefel.role=server`` (exactly once)."""
+    return (strip_stiefel_options(config_cmdline, ("role",)) + " stiefel.role=server").strip()
+
+
+class Decider(object):
+    """Pure decision: datagram (and its interface) in -> ``(reply or None, trigger reason or None)``.
+
+    Raises ProtocolError for anything to drop (the caller logs it).
+    """
+
+    def __init__(self, key, listen_indexes=None, clock=None):
+        kwargs = {} if clock is None else {"clock": clock}
+        self.key = key
+        self.listen_indexes = listen_indexes  # None: every interface; else a callable(index) -> bool
+        self.book = messages.ChallengeBook(**kwargs)
+        self.responder = discovery.Responder(key, self.offer_fields, book=self.book, accept_kexec=True, **kwargs)
+
+    @staticmethod
+    def offer_fields():
+        return {"role": messages.ROLE_AUTOKEXEC}
+
+    def decide(self, data, ifindex):
+        if self.listen_indexes is not None and not self.listen_indexes(ifindex):
+            raise ProtocolError("datagram on interface %s, which is not a stiefel link" % ifindex)
+        reply, msg = self.responder.handle(data)
+        if msg.type == messages.KEXEC_REQUEST:
+            return reply, "authenticated KEXEC_REQUEST"
+        return reply, None
+
+
+class AutokexecAgent(object):
+    def __init__(self, config, console, run_dir=RUN_DIR, dry_run=False, discovery_port=discovery.PORT,
+                 proc_cmdline_path="/proc/cmdline"):
+        self.config = config
+        self.console = console
+        self.run_dir = run_dir
+        self.dry_run = dry_run
+        self.discovery_port = discovery_port
+        self.proc_cmdline_path = proc_cmdline_path
+        self.key = keyfile.read_key(config["key"])
+        self.links = None
+        self.sock = None
+        self.decider = Decider(self.key, listen_indexes=self._is_stiefel_link if config["macs"] else None)
+        self.triggered = 0
+
+    def _is_stiefel_link(self, index):
+        link = self.links.links.get(index) if self.links is not None else None
+        return link is not None and (link.mac or "").lower() in self.config["macs"]
+
+    def kexec_command(self):
+        """Build ramdisk initrd + key cpio in run_dir; return (kernel, initrd, cmdline)."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        initrd = os.path.join(self.run_dir, "ramdisk-with-key.img")
+        key_cpio = cpio.key_archive(keyfile.encode_key(self.key))
+        kexec.concat_files(initrd, [self.config["initrd"]], key_cpio)
+        return self.config["kernel"], initrd, server_cmdline(self.config["cmdline"])
+
+    def trigger(self, reason):
+        self.triggered += 1
+        self.console("kexec into the stiefel server ramdisk (%s)" % reason)
+        try:
+            kernel, initrd, cmdline = self.kexec_command()
+            kexec.load_and_execute(kernel, initrd, cmdline, log=self.console, dry_run=self.dry_run)
+        except (StiefelError, OSError) as exc:
+            self.console("kexec failed: %s; still listening" % exc)
+
+    def handle_datagram(self, data, host, port, scope):
+        source = "%s%%%s" % (host, scope)
+        try:
+            reply, reason = self.decider.decide(data, scope)
+        except ProtocolError as exc:
+            self.console.drop(source, discovery.describe(exc))
+            return None
+        try:
+            self.sock.sendto(reply, (host, port, 0, scope))
+        except OSError as exc:
+            self.console("cannot answer %s: %s" % (source, exc))
+        if reason:
+            self.console("%s from %s" % (reason, source))
+            self.trigger(reason)
+        else:
+            self.console.debug("offered a challenge to %s" % source)
+        return reason
+
+    def run(self):
+        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager, LINK_ADDED
+
+        proc_cmdline = ""
+        try:
+            with open(self.proc_cmdline_path, "r", encoding="utf-8", errors="replace") as handle:
+                proc_cmdline = handle.read(65536)
+        except OSError:
+            pass
+        if already_stiefeled(proc_cmdline):
+            self.console("this system was booted by stiefel (stiefel.mac= on the kernel command line): "
+                         "autokexec stays idle")
+            return 0
+        macs = set(self.config["macs"])
+        self.links = LinkManager(manage=lambda link: (link.mac or "").lower() in macs, log=self.console)
+        self.links.open()
+        self.sock = discovery.open_listen_socket(self.discovery_port)
+        self.console("listening for stiefel clients on UDP %d (%s), key id %s%s" % (
+            self.discovery_port, ", ".join(self.config["macs"]) or "every interface",
+            keyschedule.key_id_hex(self.key), ", dry run" if self.dry_run else ""))
+        try:
+            while True:
+                readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [])
+                if self.links.fileno() in readable:
+                    for event in self.links.process():
+                        if event.kind == LINK_ADDED and (event.mac or "").lower() in macs:
+                            self.trigger("stiefel NIC %s (%s) appeared" % (event.ifname, event.mac))
+                if self.sock in readable:
+                    while True:
+                        got = discovery.receive(self.sock, self.console.drop)
+                        if got is None:
+                            break
+                        data, (host, port, scope) = got
+                        self.handle_datagram(data, host, port, scope)
+        finally:
+            self.sock.close()
+            self.links.close()

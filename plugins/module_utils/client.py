@@ -1,0 +1,287 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The client ramdisk agent (``stiefel.role=client``): find the laptop, fetch its boot payload, kexec into it.
+
+Discovery runs on every interface at once (one socket, one DISCOVER per
+ready link, re-sent every few seconds; links that appear later join as soon
+as netlink reports their link-local address). An autokexec OFFER gets a
+KEXEC_REQUEST (the laptop then kexecs into the server ramdisk; discovery
+goes on); a server OFFER leads to the payload fetch, verification, the NBD
+hook's command line, the PSK cpio appended to the laptop initrd, and kexec.
+"""
+
+from __future__ import annotations
+
+import getpass
+import http.client
+import json
+import os
+import select
+import socket
+import time
+
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyschedule, messages
+from ansible_collections.stiefel.system.plugins.module_utils import payload
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, strip_stiefel_options
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+
+DISCOVER_INTERVAL = 2.0
+HTTP_TIMEOUT = 30.0
+PSK_PATH_IN_INITRD = "etc/stiefel/nbd.psk"
+HOOK_OPTIONS = ("mac", "server", "port", "export", "tls")
+
+
+class ClientError(StiefelError):
+    """The payload could not be fetched or used."""
+
+
+def hook_cmdline(base_cmdline, mac, server_address, nbd_port, export_name):
+    """The laptop's command line plus the NBD-root hook's options (docs/dev/contracts.md)."""
+    base = strip_stiefel_options(base_cmdline, HOOK_OPTIONS)
+    extra = "stiefel.mac=%s stiefel.server=%s stiefel.port=%d stiefel.export=%s stiefel.tls=psk" % (
+        mac.lower(), server_address.split("%", 1)[0], nbd_port, export_name)
+    return (base + " " + extra).strip()
+
+
+def psk_archive(key, client_nonce, server_nonce):
+    """The extra cpio putting this session's NBD PSK at /etc/stiefel/nbd.psk (0600) in the laptop initramfs."""
+    line = keyschedule.nbd_psk_line(key, client_nonce, server_nonce) + "\n"
+    return cpio.write_newc([
+        cpio.CpioEntry.directory("etc"),
+        cpio.CpioEntry.directory("etc/stiefel", 0o700),
+        cpio.CpioEntry.file(PSK_PATH_IN_INITRD, line.encode("ascii"), 0o600),
+    ])
+
+
+def url_path(kind, client_nonce, server_nonce):
+    return "/%s/%s/%s" % (kind, client_nonce.hex(), server_nonce.hex())
+
+
+def _connect(offer, ifname, timeout):
+    host = "%s%%%s" % (offer.address, ifname or offer.ifindex)
+    return http.client.HTTPConnection(host, offer.message.http_port, timeout=timeout)
+
+
+def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
+    """POST the sealed passphrase; return ``(ok, message)``."""
+    blob = payload.seal_passphrase(key, offer.client_nonce, offer.server_nonce, passphrase)
+    conn = _connect(offer, ifname, timeout)
+    try:
+        conn.request("POST", url_path("unlock", offer.client_nonce, offer.server_nonce), body=blob,
+                     headers={"Host": "stiefel", "Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        text = resp.read(4096).decode("utf-8", "replace").strip()
+        return resp.status == 200, "%d %s" % (resp.status, text)
+    finally:
+        conn.close()
+
+
+def fetch_payload(key, offer, ifname, dest_dir, log=print, timeout=HTTP_TIMEOUT):
+    """GET the payload for ``offer`` and verify it into ``dest_dir``; return the manifest."""
+    conn = _connect(offer, ifname, timeout)
+    try:
+        conn.request("GET", url_path("payload", offer.client_nonce, offer.server_nonce), headers={"Host": "stiefel"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ClientError("server refused the payload: %d %s" % (
+                resp.status, resp.read(4096).decode("utf-8", "replace").strip()))
+        state = {"next": 0}
+
+        def progress(done, total):
+            percent = 100 * done // max(total, 1)
+            if percent >= state["next"]:
+                log("payload: %3d%% (%.1f of %.1f MB)" % (percent, done / 1e6, total / 1e6))
+                state["next"] = percent - percent % 25 + 25
+
+        return payload.receive_payload(resp.read, key, offer.client_nonce, dest_dir, progress)
+    finally:
+        conn.close()
+
+
+class ClientAgent(object):
+    """Discovers on every link and drives one boot."""
+
+    def __init__(self, key, console, run_dir=RUN_DIR, mtu=None, stop_before_kexec=False, dry_run=False,
+                 ask_passphrase=None, discovery_port=discovery.PORT, timeout=None):
+        self.key = key
+        self.console = console
+        self.run_dir = run_dir
+        self.mtu = mtu
+        self.stop_before_kexec = stop_before_kexec
+        self.dry_run = dry_run
+        self.ask_passphrase = ask_passphrase or ask_passphrase_on_console
+        self.discovery_port = discovery_port
+        self.timeout = timeout
+        self.disc = discovery.ClientDiscovery(key)
+        self.links = None
+        self.sock = None
+        self.result = None
+
+    def _send_round(self):
+        for link in self.links.ready_links():
+            try:
+                discovery.send_discover(self.sock, self.disc.discover(link.index), link.index, self.discovery_port)
+            except OSError as exc:
+                self.console.debug("cannot send DISCOVER on %s: %s" % (link.ifname, exc))
+
+    def run(self):
+        """Return 0 after --stop-before-kexec, otherwise kexec (never returns) or raise on timeout."""
+        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager
+
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        self.links = LinkManager(mtu=self.mtu, log=self.console)
+        self.links.open()
+        self.sock = discovery.open_client_socket()
+        self.console.marker("discovery started")
+        self.console("discovering on every interface (key id %s)" % keyschedule.key_id_hex(self.key))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        next_round = time.monotonic()
+        known_ready = set()
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise ClientError("no usable server found within %ss" % self.timeout)
+                ready = {link.index for link in self.links.ready_links()}
+                if now >= next_round or ready - known_ready:
+                    self._send_round()
+                    next_round = now + DISCOVER_INTERVAL
+                known_ready = ready
+                wait = next_round - time.monotonic()
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], max(0.0, wait))
+                if self.links.fileno() in readable:
+                    self.links.process()
+                if self.sock in readable:
+                    while True:
+                        got = discovery.receive(self.sock, self.console.drop)
+                        if got is None:
+                            break
+                        data, (host, port, scope) = got
+                        result = self.handle_datagram(data, host, port, scope)
+                        if result is not None:
+                            return result
+        finally:
+            self.close()
+
+    def handle_datagram(self, data, host, port, scope):
+        source = "%s%%%s" % (host, scope)
+        try:
+            got = self.disc.handle(data, host, scope, port)
+        except ProtocolError as exc:
+            self.console.drop(source, discovery.describe(exc))
+            return None
+        if isinstance(got, messages.Message):  # KEXEC_ACK
+            self.console("laptop %s acknowledged: it is rebooting into server mode" % source)
+            return None
+        offer = got
+        if offer.role == messages.ROLE_AUTOKEXEC:
+            self.console("laptop OS at %s offers autokexec: asking it to reboot into server mode" % source)
+            try:
+                self.sock.sendto(self.disc.kexec_request(offer), (host, port, 0, scope))
+            except OSError as exc:
+                self.console("cannot send KEXEC_REQUEST to %s: %s" % (source, exc))
+            return None
+        if offer.role != messages.ROLE_SERVER:
+            self.console("ignoring OFFER with role %d from %s" % (offer.role, source))
+            return None
+        try:
+            return self.boot_from(offer)
+        except (StiefelError, OSError, http.client.HTTPException, socket.timeout) as exc:
+            self.console("boot from %s failed: %s; discovering again" % (source, exc))
+            return None
+
+    def _link(self, index):
+        return self.links.links.get(index)
+
+    def boot_from(self, offer):
+        link = self._link(offer.ifindex)
+        if link is None:
+            raise ClientError("the interface of the OFFER is gone")
+        self.console("server %s%%%s: http %d, nbd %d, export %r%s" % (
+            offer.address, link.ifname, offer.message.http_port, offer.message.nbd_port, offer.message.export_name,
+            ", /boot locked" if offer.message.needs_passphrase else ""))
+        if offer.message.needs_passphrase:
+            for attempt in range(3):
+                passphrase = self.ask_passphrase("Passphrase for the laptop's encrypted /boot: ")
+                if not passphrase:
+                    raise ClientError("no passphrase given")
+                ok, message = send_passphrase(self.key, offer, link.ifname, passphrase)
+                if ok:
+                    self.console("/boot unlocked")
+                    break
+                self.console("unlock refused (%s)%s" % (message, "; try again" if attempt < 2 else ""))
+            else:
+                raise ClientError("/boot stayed locked")
+        dest = os.path.join(self.run_dir, "payload")
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        started = time.monotonic()
+        manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console)
+        elapsed = time.monotonic() - started
+        self.console.marker("payload verified")
+        self.console("payload: %.1f MB in %.2f s (%.1f MB/s)" % (
+            manifest.total_size / 1e6, elapsed, manifest.total_size / 1e6 / max(elapsed, 1e-6)))
+        cmdline = hook_cmdline(manifest.cmdline, link.mac, offer.address, offer.message.nbd_port or 10809,
+                               offer.message.export_name or "stiefel")
+        if self.stop_before_kexec:
+            doc = json.loads(manifest.to_json().decode("utf-8"))
+            doc["kexec_cmdline"] = cmdline
+            doc["server"] = offer.address
+            doc["interface"] = link.ifname
+            print("stiefel-client: manifest " + json.dumps(doc, sort_keys=True), flush=True)
+            # What would be appended to the laptop initrd, for the test to attach the NBD export with.
+            path = os.path.join(self.run_dir, "nbd-psk.cpio")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(psk_archive(self.key, offer.client_nonce, offer.server_nonce))
+            return 0
+        initrd = os.path.join(self.run_dir, "initrd-with-psk.img")
+        kexec.concat_files(initrd, [os.path.join(dest, "initrd")],
+                           psk_archive(self.key, offer.client_nonce, offer.server_nonce))
+        os.unlink(os.path.join(dest, "initrd"))
+        self.console("kernel command line: %s" % cmdline)
+        self.console.marker("kexec")
+        kexec.load_and_execute(os.path.join(dest, "kernel"), initrd, cmdline, log=self.console, dry_run=self.dry_run)
+        return 0
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.links is not None:
+            self.links.close()
+            self.links = None
+
+
+def ask_passphrase_on_console(prompt):
+    """Ask on the controlling tty, else /dev/console; return bytes (b"" if nobody can answer)."""
+    for path in ("/dev/tty", "/dev/console"):
+        try:
+            with open(path, "r+", encoding="utf-8", errors="replace") as tty:
+                text = getpass.getpass(prompt, stream=tty) if path == "/dev/tty" else _ask_raw(tty, prompt)
+            return text.encode("utf-8")
+        except (OSError, EOFError):
+            continue
+    return b""
+
+
+def _ask_raw(tty, prompt):
+    import termios
+
+    fd = tty.fileno()
+    old = termios.tcgetattr(fd)
+    new = termios.tcgetattr(fd)
+    new[3] &= ~termios.ECHO
+    tty.write(prompt)
+    tty.flush()
+    try:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+        line = tty.readline()
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+        tty.write("\n")
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")

@@ -1,0 +1,662 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The server ramdisk agent (``stiefel.role=server``): discovery answers, boot payload over HTTP, disk over NBD.
+
+Pieces, each usable alone (unit tests drive them without sockets):
+
+* :class:`BootSource` finds the laptop's kernel, initrd and cmdline in its
+  /boot (``stiefel/boot.json`` via ``bootconfig``; BLS entries and grub.cfg
+  as fallbacks) and builds the authenticated manifest once.
+* :class:`ServerState` holds the sessions handed out in OFFERs, the /boot
+  lock state, the NBD PSK of the latest session and the counters shown on
+  the console. :meth:`ServerState.route` is the HTTP decision (method, path
+  -> status, reason) used by the request handler.
+* :func:`power_warning` decides the AC/battery warning.
+* :class:`ServerAgent` wires them to sockets, netlink, nbdkit and the console.
+"""
+
+from __future__ import annotations
+
+import glob
+import http.server
+import os
+import re
+import secrets
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+from ansible_collections.stiefel.system.plugins.module_utils import bootconfig, discovery, keyschedule, messages
+from ansible_collections.stiefel.system.plugins.module_utils import nbd_export, payload
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, beep
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+
+DEFAULT_HTTP_PORT = 61571
+MAX_UNLOCK_BODY = 4096
+STATUS_INTERVAL = 30.0
+POWER_INTERVAL = 30.0
+LOW_BATTERY = 20
+_NONCE_HEX = r"([0-9a-f]{32})"
+_PAYLOAD_PATH = re.compile(r"\A/payload/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
+_UNLOCK_PATH = re.compile(r"\A/unlock/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
+
+
+class ServerError(StiefelError):
+    """The server cannot serve (no /boot content, no disk, ...)."""
+
+
+# ------------------------------------------------------------------ /boot content
+
+def _resolve_loader_path(boot_dir, path):
+    """A path from a BLS entry or grub.cfg (relative to the /boot partition or to /) inside ``boot_dir``."""
+    if not path or "$" in path:
+        return None
+    if ")" in path:
+        path = path.split(")", 1)[1]
+    rel = path.lstrip("/")
+    candidates = [rel]
+    if rel.startswith("boot/"):
+        candidates.append(rel[len("boot/"):])
+    for candidate in candidates:
+        try:
+            full = bootconfig.resolve_boot_path(boot_dir, candidate)
+        except bootconfig.BootConfigError:
+            continue
+        if os.path.isfile(full):
+            return full
+    return None
+
+
+def find_boot_files(boot_dir, log=print):
+    """``(kernel_path, [initrd paths], cmdline, source)`` of what the laptop boots.
+
+    ``boot_dir`` is the content of the laptop's /boot (a separate /boot
+    partition's root, or a root filesystem's ``boot/``).
+    """
+    config_path = bootconfig.boot_config_path_in(boot_dir)
+    if config_path is not None:
+        try:
+            config = bootconfig.load_boot_config(config_path)
+        except bootconfig.BootConfigError as exc:
+            log("boot config %s is invalid (%s); trying the bootloader's configuration" % (config_path, exc))
+        else:
+            base = os.path.dirname(os.path.dirname(config_path))  # the dir holding stiefel/boot.json
+            kernel = bootconfig.resolve_boot_path(base, config["kernel"])
+            initrds = [bootconfig.resolve_boot_path(base, p) for p in config["initrd"]]
+            for path in [kernel] + initrds:
+                if not os.path.isfile(path):
+                    raise ServerError("boot config names %s, which does not exist" % path)
+            return kernel, initrds, config["cmdline"], "boot config " + config_path
+    for conf in sorted(glob.glob(os.path.join(boot_dir, "loader", "entries", "*.conf")), reverse=True):
+        try:
+            with open(conf, "r", encoding="utf-8", errors="replace") as handle:
+                entry = bootconfig.parse_bls_entry(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
+        except OSError:
+            continue
+        if "rescue" in os.path.basename(conf):
+            continue
+        kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
+        initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
+        if kernel and initrds and all(initrds):
+            return kernel, initrds, bootconfig.clean_cmdline(entry.get("options", "")), "BLS entry " + conf
+    for grub_cfg in ("grub/grub.cfg", "grub2/grub.cfg"):
+        path = os.path.join(boot_dir, grub_cfg)
+        try:
+            with open(path, "r", encoding="utf-8", errors="replace") as handle:
+                entries = bootconfig.parse_grub_cfg(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
+        except OSError:
+            continue
+        for entry in entries:
+            kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
+            initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
+            if kernel and initrds and all(initrds):
+                return kernel, initrds, bootconfig.clean_cmdline(entry.get("args", "")), "grub entry " + path
+    raise ServerError("no boot config, BLS entry or grub.cfg entry with a kernel and initrd in %s" % boot_dir)
+
+
+class BootSource(object):
+    """The payload files and their manifest, prepared once per /boot."""
+
+    def __init__(self, boot_dir, run_dir, log=print):
+        self.boot_dir = boot_dir
+        self.run_dir = run_dir
+        self.log = log
+        self.manifest = None
+        self.paths = None
+
+    def prepare(self, copy=False):
+        """Find the files and build the manifest; ``copy`` puts them in run_dir (so /boot can be unmounted)."""
+        kernel, initrds, cmdline, source = find_boot_files(self.boot_dir, self.log)
+        if copy:
+            copied = os.path.join(self.run_dir, "laptop-vmlinuz")
+            shutil.copyfile(kernel, copied)
+            kernel = copied
+        if len(initrds) == 1 and not copy:
+            initrd = initrds[0]
+        else:
+            initrd = os.path.join(self.run_dir, "laptop-initrd.img")
+            with open(initrd, "wb") as out:
+                for part in initrds:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        self.manifest = payload.build_manifest(kernel, initrd, cmdline)
+        self.paths = {"kernel": kernel, "initrd": initrd}
+        self.log("payload from %s: kernel %s (%d bytes), initrd %s (%d bytes), cmdline %r" % (
+            source, kernel, self.manifest.files["kernel"][0], initrd, self.manifest.files["initrd"][0], cmdline))
+        return self.manifest
+
+
+# ------------------------------------------------------------------ power
+
+def read_power_supplies(sysfs="/sys/class/power_supply"):
+    """``[{"name", "type", "online", "capacity", "status"}]`` from sysfs (missing values are None)."""
+    supplies = []
+    for path in sorted(glob.glob(os.path.join(sysfs, "*"))):
+        entry = {"name": os.path.basename(path)}
+        for field in ("type", "online", "capacity", "status"):
+            try:
+                with open(os.path.join(path, field), "r", encoding="ascii", errors="replace") as handle:
+                    value = handle.read(64).strip()
+            except OSError:
+                value = None
+            if field in ("online", "capacity") and value is not None:
+                try:
+                    value = int(value)
+                except ValueError:
+                    value = None
+            entry[field] = value
+        supplies.append(entry)
+    return supplies
+
+
+def power_warning(supplies, low=LOW_BATTERY):
+    """``(level, message)``: 0 = fine (on AC, or no battery), 1 = on battery, 2 = on battery and low."""
+    batteries = [s for s in supplies if s.get("type") == "Battery"]
+    mains = [s for s in supplies if s.get("type") in ("Mains", "USB", "USB_C", "USB_PD")]
+    if not batteries:
+        return 0, "no battery"
+    on_ac = any(s.get("online") == 1 for s in mains) or any(s.get("status") in ("Charging", "Full") for s in batteries)
+    if on_ac:
+        return 0, "on AC power"
+    capacities = [s["capacity"] for s in batteries if isinstance(s.get("capacity"), int)]
+    capacity = min(capacities) if capacities else None
+    if capacity is not None and capacity <= low:
+        return 2, "WARNING: the laptop runs on battery and is LOW (%d%%): connect its power supply NOW" % capacity
+    return 1, "warning: the laptop runs on battery (%s): connect its power supply" % (
+        "%d%%" % capacity if capacity is not None else "unknown charge")
+
+
+# ------------------------------------------------------------------ state and HTTP decisions
+
+class ServerState(object):
+    """Everything the discovery loop and the HTTP threads share (behind one lock)."""
+
+    def __init__(self, key, run_dir, http_port, nbd_port, export_name, needs_unlock=False, log=print,
+                 clock=time.monotonic):
+        self.key = key
+        self.run_dir = run_dir
+        self.http_port = http_port
+        self.nbd_port = nbd_port
+        self.export_name = export_name
+        self.locked = needs_unlock
+        self.log = log
+        self.lock = threading.Lock()
+        self.sessions = discovery.SessionBook(clock=clock)
+        self.responder = discovery.Responder(key, self.offer_fields, book=self.sessions, clock=clock)
+        self.psk_path = os.path.join(run_dir, "nbd.psk")
+        self.payload_count = 0
+        self.payload_bytes = 0
+        self.clients = {}  # address -> last action
+        self.unlock = None  # callable(passphrase bytes) -> None, raises StiefelError
+        self.source = None  # BootSource, once /boot is readable
+
+    def offer_fields(self):
+        return {
+            "role": messages.ROLE_SERVER,
+            "http_port": self.http_port,
+            "nbd_port": self.nbd_port,
+            "export_name": self.export_name,
+            "flags": messages.FLAG_NEEDS_PASSPHRASE if self.locked else 0,
+        }
+
+    def answer(self, data):
+        """A datagram from the discovery socket -> the OFFER to send (raises ProtocolError to drop)."""
+        with self.lock:
+            reply, _msg = self.responder.handle(data)
+        return reply
+
+    def route(self, method, path):
+        """``(status, reason, client_nonce, server_nonce, kind)`` for a request (no side effects but session use)."""
+        if method == "GET":
+            match = _PAYLOAD_PATH.match(path)
+            kind = "payload"
+        elif method == "POST":
+            match = _UNLOCK_PATH.match(path)
+            kind = "unlock"
+        else:
+            return 405, "method %s not allowed" % method[:16], None, None, None
+        if match is None:
+            return 404, "no such resource", None, None, None
+        client_nonce = bytes.fromhex(match.group(1))
+        server_nonce = bytes.fromhex(match.group(2))
+        with self.lock:
+            if kind == "payload" and self.locked:
+                return 409, "/boot is still locked: send the passphrase first", client_nonce, server_nonce, kind
+            if kind == "unlock" and not self.locked:
+                return 409, "/boot is not locked", client_nonce, server_nonce, kind
+            if kind == "payload" and self.source is None:
+                return 503, "the laptop's /boot is not readable", client_nonce, server_nonce, kind
+            try:
+                self.sessions.check(client_nonce, server_nonce)
+            except ProtocolError as exc:
+                return 403, str(exc), client_nonce, server_nonce, kind
+        return 200, "ok", client_nonce, server_nonce, kind
+
+    def session_started(self, client, client_nonce, server_nonce):
+        """The client fetched a payload: the NBD export now accepts this session's PSK."""
+        line = keyschedule.nbd_psk_line(self.key, client_nonce, server_nonce) + "\n"
+        nbd_export.atomic_write(self.psk_path, line, 0o600)
+        with self.lock:
+            self.clients[client] = "fetching payload"
+
+    def payload_done(self, client, sent):
+        with self.lock:
+            self.payload_count += 1
+            self.payload_bytes += sent
+            self.clients[client] = "payload sent (%.1f MB), NBD session key ready" % (sent / 1e6)
+
+
+def write_placeholder_psk(path):
+    """nbdkit needs a PSK file at start: a random one nobody knows, until the first session."""
+    nbd_export.atomic_write(path, "stiefel:%s\n" % secrets.token_hex(32), 0o600)
+
+
+def make_handler(state: ServerState, console):
+    """The request handler class bound to ``state``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "stiefel-server"
+        sys_version = ""
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+            console.debug("http %s: %s" % (self.client_address[0], format % args))
+
+        def _refuse(self, status, reason):
+            console.drop("http %s" % self.client_address[0], "%s %s -> %d %s" % (
+                self.command, self.path[:100], status, reason))
+            body = (reason + "\n").encode("utf-8", "replace")
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def do_GET(self):  # noqa: N802
+            self._dispatch()
+
+        def do_POST(self):  # noqa: N802
+            self._dispatch()
+
+        def do_PUT(self):  # noqa: N802
+            self._refuse(405, "method not allowed")
+
+        def _dispatch(self):
+            status, reason, client_nonce, server_nonce, kind = state.route(self.command, self.path)
+            if status != 200:
+                self._refuse(status, reason)
+                return
+            if kind == "payload":
+                self._payload(client_nonce, server_nonce)
+            else:
+                self._unlock(client_nonce, server_nonce)
+
+        def _payload(self, client_nonce, server_nonce):
+            client = self.client_address[0]
+            source = state.source
+            state.session_started(client, client_nonce, server_nonce)
+            console("client %s: sending payload (%.1f MB)" % (client, source.manifest.total_size / 1e6))
+            sent = 0
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                for record in payload.iter_payload(state.key, client_nonce, server_nonce, source.manifest, source.paths):
+                    self.wfile.write(record)
+                    sent += len(record)
+                self.wfile.flush()
+            except OSError as exc:
+                console("client %s: payload transfer broken after %d bytes: %s" % (client, sent, exc))
+                return
+            state.payload_done(client, sent)
+            console("client %s: payload sent (%d bytes)" % (client, sent))
+
+        def _unlock(self, client_nonce, server_nonce):
+            try:
+                length = int(self.headers.get("Content-Length", "-1"))
+            except ValueError:
+                length = -1
+            if not 0 < length <= MAX_UNLOCK_BODY:
+                self._refuse(400, "unlock body must have a Content-Length of 1..%d" % MAX_UNLOCK_BODY)
+                return
+            blob = self.rfile.read(length)
+            try:
+                passphrase = payload.open_passphrase(state.key, client_nonce, server_nonce, blob)
+            except ProtocolError as exc:
+                self._refuse(403, "sealed passphrase rejected: %s" % exc)
+                return
+            try:
+                state.unlock(passphrase)
+            except StiefelError as exc:
+                self._refuse(403, "unlock failed: %s" % exc)
+                return
+            with state.lock:
+                state.locked = False
+            console("client %s: /boot unlocked" % self.client_address[0])
+            body = b"unlocked\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+class DualStackServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+# ------------------------------------------------------------------ block devices and mounts
+
+def resolve_device(spec, timeout=30.0, log=print):
+    """``UUID=...``/``LABEL=...``/``PARTUUID=...`` or a path -> a device path (waits for late disks)."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        if "=" in spec and not spec.startswith("/"):
+            tag = spec.split("=", 1)[0].upper()
+            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
+                raise ServerError("unsupported device spec %r" % spec)
+            proc = subprocess.run(["blkid", "-o", "device", "-t", spec], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, check=False)
+            found = proc.stdout.decode("utf-8", "replace").split()
+            if proc.returncode == 0 and found:
+                return found[0]
+        elif os.path.exists(spec):
+            return spec
+        if time.monotonic() >= deadline:
+            raise ServerError("device %s not found" % spec)
+        if not announced:
+            log("waiting up to %ds for device %s" % (timeout, spec))
+            announced = True
+        time.sleep(0.5)  # block devices have no netlink event we can use without udev
+
+
+def mount_read_only(device, mountpoint):
+    os.makedirs(mountpoint, exist_ok=True)
+    proc = subprocess.run(["mount", "-o", "ro", device, mountpoint], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise ServerError("cannot mount %s read-only: %s" % (device, proc.stdout.decode("utf-8", "replace").strip()))
+
+
+def boot_dir_of(mountpoint):
+    """A mounted /boot partition, or a root filesystem holding boot/."""
+    if bootconfig.boot_config_path_in(mountpoint) == os.path.join(mountpoint, bootconfig.BOOT_CONFIG_RELPATH):
+        return os.path.join(mountpoint, "boot")
+    if not glob.glob(os.path.join(mountpoint, "vmlinuz*")) and os.path.isdir(os.path.join(mountpoint, "boot")):
+        return os.path.join(mountpoint, "boot")
+    return mountpoint
+
+
+def luks_open(device, name, passphrase):
+    proc = subprocess.run(["cryptsetup", "open", "--type", "luks", "--key-file=-", device, name],
+                          input=passphrase, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise ServerError("cryptsetup refused the passphrase (rc=%d)" % proc.returncode)
+    return "/dev/mapper/" + name
+
+
+# ------------------------------------------------------------------ nbd counters
+
+def process_io(pid):
+    """``(read_bytes, written_bytes)`` a process did through syscalls (rchar/wchar), or None."""
+    try:
+        with open("/proc/%d/io" % pid, "r", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+        return int(fields["rchar"]), int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def tcp_peers(port, path="/proc/net/tcp6"):
+    """Remote addresses with an established TCP connection to local ``port``."""
+    peers = []
+    try:
+        with open(path, "r", encoding="ascii") as handle:
+            lines = handle.read().splitlines()[1:]
+    except OSError:
+        return peers
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4 or parts[3] != "01":
+            continue
+        try:
+            local_port = int(parts[1].split(":")[1], 16)
+            remote = parts[2].split(":")[0]
+        except (IndexError, ValueError):
+            continue
+        if local_port != port:
+            continue
+        raw = bytes.fromhex(remote)
+        addr = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        peers.append(socket.inet_ntop(socket.AF_INET6, addr))
+    return peers
+
+
+# ------------------------------------------------------------------ the agent
+
+class ServerAgent(object):
+    """The running server: netlink links, discovery answers, HTTP payload, nbdkit, console status."""
+
+    def __init__(self, key, console, run_dir=RUN_DIR, boot_dir=None, boot_spec=None, luks_spec=None, disk=None,
+                 mtu=None, http_port=DEFAULT_HTTP_PORT, nbd_port=nbd_export.DEFAULT_PORT,
+                 export_name=nbd_export.DEFAULT_EXPORT_NAME, power_sysfs="/sys/class/power_supply",
+                 discovery_port=discovery.PORT):
+        self.key = key
+        self.console = console
+        self.run_dir = run_dir
+        self.boot_dir = boot_dir
+        self.boot_spec = boot_spec
+        self.luks_spec = luks_spec
+        self.disk = disk
+        self.mtu = mtu
+        self.power_sysfs = power_sysfs
+        self.discovery_port = discovery_port
+        self.state = ServerState(key, run_dir, http_port, nbd_port if disk else 0, export_name,
+                                 needs_unlock=bool(luks_spec), log=console)
+        self.state.unlock = self._unlock
+        self.links = None
+        self.http = None
+        self.nbd = None
+        self.sock = None
+        self._stop = False
+        self._last_power = (0, "")
+        self._nbd_io = None
+
+    # -- /boot
+    def _mount_point(self):
+        return os.path.join(self.run_dir, "boot")
+
+    def _load_boot(self, device):
+        mountpoint = self._mount_point()
+        mount_read_only(device, mountpoint)
+        try:
+            source = BootSource(boot_dir_of(mountpoint), self.run_dir, self.console)
+            source.prepare(copy=True)
+        finally:
+            subprocess.run(["umount", mountpoint], check=False)
+        return source
+
+    def _unlock(self, passphrase):
+        device = resolve_device(self.luks_spec, log=self.console)
+        mapped = luks_open(device, "stiefel-boot", passphrase)
+        try:
+            source = self._load_boot(mapped)
+        finally:
+            subprocess.run(["cryptsetup", "close", "stiefel-boot"], check=False)
+        self.state.source = source
+
+    def prepare_boot(self):
+        try:
+            if self.boot_dir:
+                source = BootSource(self.boot_dir, self.run_dir, self.console)
+                source.prepare()
+                self.state.source = source
+            elif self.luks_spec:
+                self.console("/boot is LUKS-encrypted: waiting for the client to send the passphrase")
+            elif self.boot_spec:
+                self.state.source = self._load_boot(resolve_device(self.boot_spec, log=self.console))
+            else:
+                self.console("no stiefel.boot= given: no boot payload to serve")
+        except (StiefelError, OSError) as exc:
+            self.console("cannot read the laptop's /boot: %s" % exc)
+
+    # -- NBD
+    def start_nbd(self):
+        if not self.disk:
+            self.console("no stiefel.disk= given: not serving a disk over NBD")
+            return
+        disk = resolve_device(self.disk, log=self.console)
+        if not os.path.exists(self.state.psk_path):
+            write_placeholder_psk(self.state.psk_path)
+        prio = nbd_export.write_gnutls_priority_file(os.path.join(self.run_dir, "nbd-gnutls.conf"))
+        settings = nbd_export.ExportSettings(path=disk, name=self.state.export_name, port=self.state.nbd_port,
+                                             tls_psk_file=self.state.psk_path)
+        self.nbd = nbd_export.spawn_foreground(settings, prio, stdin=subprocess.DEVNULL)
+        self.console("serving %s (%.1f GB) over NBD port %d, export %r, TLS-PSK AES-GCM, flush+FUA (nbdkit pid %d)" % (
+            disk, nbd_export.source_size(disk) / 1e9, self.state.nbd_port, self.state.export_name, self.nbd.pid))
+
+    def _check_nbd(self):
+        if self.nbd is not None and self.nbd.poll() is not None:
+            self.console("nbdkit exited (rc=%s): restarting it" % self.nbd.returncode)
+            self.nbd = None
+            try:
+                self.start_nbd()
+            except (StiefelError, OSError) as exc:
+                self.console("cannot restart nbdkit: %s" % exc)
+
+    # -- status
+    def status_line(self):
+        parts = []
+        with self.state.lock:
+            clients = dict(self.state.clients)
+            count, sent = self.state.payload_count, self.state.payload_bytes
+        peers = tcp_peers(self.state.nbd_port) if self.nbd is not None else []
+        io = process_io(self.nbd.pid) if self.nbd is not None else None
+        parts.append("payloads sent: %d (%.1f MB)" % (count, sent / 1e6))
+        if io is not None:
+            parts.append("NBD read %.1f MB, written %.1f MB" % (io[0] / 1e6, io[1] / 1e6))
+        parts.append("NBD clients: %s" % (", ".join(sorted(set(peers))) or "none"))
+        for client, what in sorted(clients.items()):
+            parts.append("%s: %s" % (client, what))
+        return "; ".join(parts)
+
+    def check_power(self):
+        level, message = power_warning(read_power_supplies(self.power_sysfs))
+        if level and (level, message) != self._last_power:
+            beep(message, loud=level >= 2, log=self.console)
+        elif level >= 2:
+            beep(message, loud=True)
+        elif not level and self._last_power[0]:
+            self.console("power: %s" % message)
+        self._last_power = (level, message)
+
+    # -- main loop
+    def handle_datagram(self, data, host, port, scope):
+        source = "%s%%%s" % (host, scope)
+        try:
+            reply = self.state.answer(data)
+        except ProtocolError as exc:
+            self.console.drop(source, discovery.describe(exc))
+            return
+        try:
+            self.sock.sendto(reply, (host, port, 0, scope))
+        except OSError as exc:
+            self.console("cannot answer %s: %s" % (source, exc))
+            return
+        self.console.debug("offered to %s" % source)
+
+    def run(self, ready_timeout=None):
+        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager
+
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        self.links = LinkManager(mtu=self.mtu, log=self.console)
+        self.links.open()
+        self.prepare_boot()
+        try:
+            self.start_nbd()
+        except (StiefelError, OSError) as exc:
+            self.console("cannot serve the disk: %s" % exc)
+        self.http = DualStackServer(("::", self.state.http_port), make_handler(self.state, self.console))
+        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        self.sock = discovery.open_listen_socket(self.discovery_port)
+        self.console.marker("ready")
+        self.console("answering discovery on UDP %d, payload on HTTP %d, key id %s" % (
+            self.discovery_port, self.state.http_port, keyschedule.key_id_hex(self.key)))
+        next_status = time.monotonic() + STATUS_INTERVAL
+        next_power = time.monotonic()
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if now >= next_power:
+                    self.check_power()
+                    next_power = now + POWER_INTERVAL
+                if now >= next_status:
+                    self.console("status: " + self.status_line())
+                    self._check_nbd()
+                    next_status = now + STATUS_INTERVAL
+                timeout = max(0.0, min(next_status, next_power) - time.monotonic())
+                readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], timeout)
+                if self.links.fileno() in readable:
+                    self.links.process()
+                if self.sock in readable:
+                    while True:
+                        got = discovery.receive(self.sock, self.console.drop)
+                        if got is None:
+                            break
+                        data, (host, port, scope) = got
+                        self.handle_datagram(data, host, port, scope)
+        finally:
+            self.close()
+
+    def stop(self):
+        self._stop = True
+
+    def close(self):
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+        if self.nbd is not None:
+            nbd_export.stop_pid(self.nbd.pid)
+            self.nbd.wait()
+            self.nbd = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.links is not None:
+            self.links.close()

@@ -1,0 +1,360 @@
+"""The runtime agents against each other in two network namespaces joined by a veth pair.
+
+Real sockets, real netlink, real nbdkit with TLS-PSK; nothing leaves the
+namespaces. Server and client run as separate processes (the agents' own
+entry points) with ``--boot-dir``/``--disk`` and ``--stop-before-kexec``;
+autokexec runs with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
+
+pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AGENTS = os.path.join(REPO, "agents")
+PYTHON = sys.executable
+ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "collections"), PYTHONUNBUFFERED="1")
+
+
+def _run(*argv, check=True):
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
+
+
+class Namespaces(object):
+    """Two namespaces ``stfs<pid>``/``stfc<pid>`` with a veth pair between them (links left down:
+    the agents bring them up themselves, as in the ramdisk)."""
+
+    def __init__(self):
+        pid = os.getpid() & 0xFFFFF
+        self.server = "stfs%x" % pid
+        self.client = "stfc%x" % pid
+        self.veth_s = "stfvs%x" % pid
+        self.veth_c = "stfvc%x" % pid
+        self.etc_dir = "/etc/netns/%s" % self.client
+
+    def create(self):
+        self.destroy()
+        _run("ip", "netns", "add", self.server)
+        _run("ip", "netns", "add", self.client)
+        _run("ip", "link", "add", self.veth_s, "type", "veth", "peer", "name", self.veth_c)
+        _run("ip", "link", "set", self.veth_s, "netns", self.server)
+        _run("ip", "link", "set", self.veth_c, "netns", self.client)
+        for ns in (self.server, self.client):
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def destroy(self):
+        for ns in (self.server, self.client):
+            _run("ip", "netns", "del", ns, check=False)
+        _run("ip", "link", "del", self.veth_s, check=False)
+        shutil.rmtree(self.etc_dir, ignore_errors=True)
+
+    def exec_argv(self, ns, *argv):
+        return ["ip", "netns", "exec", ns] + list(argv)
+
+
+class Agent(object):
+    """An agent process in a namespace, its output collected in a file."""
+
+    def __init__(self, ns, argv, log_path, netns=None):
+        self.log_path = log_path
+        self.log = open(log_path, "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(ns.exec_argv(netns or ns.server, *argv), stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+
+    def text(self):
+        with open(self.log_path) as handle:
+            return handle.read()
+
+    def wait_for(self, marker, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.text():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError("%r not seen within %ss; output:\n%s" % (marker, timeout, self.text()))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()  # by PID
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def _sha(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+@pytest.fixture
+def world():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    if not shutil.which("nbdkit") or not shutil.which("nbdinfo"):
+        pytest.skip("needs nbdkit and nbdinfo")
+    started = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="stf-agents-")
+    ns = Namespaces().create()
+    agents = []
+    try:
+        yield ns, tmp, agents
+    finally:
+        for agent in agents:
+            agent.stop()
+        ns.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("\n[test_agents_netns] took %.1f s" % (time.monotonic() - started))
+
+
+def _write_key(path, key):
+    keyfile.write_key_atomic(path, key)
+    return path
+
+
+def _fake_boot(tmp):
+    boot = os.path.join(tmp, "boot")
+    os.makedirs(os.path.join(boot, "stiefel"))
+    with open(os.path.join(boot, "vmlinuz-6.1.0-test"), "wb") as handle:
+        handle.write(os.urandom(3 * 1024 * 1024 + 17))
+    with open(os.path.join(boot, "initrd.img-6.1.0-test"), "wb") as handle:
+        handle.write(os.urandom(2 * 1024 * 1024 + 5))
+    config = {
+        "format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-6.1.0-test",
+        "initrd": ["initrd.img-6.1.0-test"], "cmdline": "root=UUID=1234-abcd ro quiet", "root": "UUID=1234-abcd",
+    }
+    with open(os.path.join(boot, "stiefel", "boot.json"), "w") as handle:
+        json.dump(config, handle)
+    return boot
+
+
+def _client(ns, tmp, key_path, name, timeout):
+    run_dir = os.path.join(tmp, name)
+    argv = ns.exec_argv(ns.client, PYTHON, os.path.join(AGENTS, "stiefel-client"), "--key", key_path,
+                        "--cmdline-file", "/dev/null", "--run-dir", run_dir, "--stop-before-kexec",
+                        "--timeout", str(timeout))
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout + 30)
+    print("[%s] rc=%d in %.1f s\n%s" % (name, proc.returncode, time.monotonic() - started, proc.stdout[-3000:]))
+    return proc, run_dir
+
+
+def test_server_and_client(world):
+    ns, tmp, agents = world
+    key = keyfile.generate_key()
+    key_path = _write_key(os.path.join(tmp, "key"), key)
+    boot = _fake_boot(tmp)
+    disk = os.path.join(tmp, "disk.img")
+    with open(disk, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--key", key_path, "--cmdline-file",
+                        "/dev/null", "--boot-dir", boot, "--disk", disk, "--run-dir", os.path.join(tmp, "srv"),
+                        "--power-sysfs", os.path.join(tmp, "no-power")],
+                   os.path.join(tmp, "server.log"))
+    agents.append(server)
+    server.wait_for("stiefel-server: ready", 60)
+
+    # 1. the right key: discovered, fetched, verified
+    proc, run_dir = _client(ns, tmp, key_path, "client1", 60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stiefel-client: discovery started" in proc.stdout
+    assert "stiefel-client: payload verified" in proc.stdout
+    line = [l for l in proc.stdout.splitlines() if l.startswith("stiefel-client: manifest ")][0]
+    manifest = json.loads(line[len("stiefel-client: manifest "):])
+    got = {f["name"]: f for f in manifest["files"]}
+    assert _sha(os.path.join(run_dir, "payload", "kernel")) == _sha(os.path.join(boot, "vmlinuz-6.1.0-test"))
+    assert _sha(os.path.join(run_dir, "payload", "initrd")) == _sha(os.path.join(boot, "initrd.img-6.1.0-test"))
+    assert got["kernel"]["sha256"] == _sha(os.path.join(boot, "vmlinuz-6.1.0-test"))
+    cmdline = manifest["kexec_cmdline"]
+    assert cmdline.startswith("root=UUID=1234-abcd ro quiet stiefel.mac=")
+    assert "stiefel.server=fe80::" in cmdline and "stiefel.tls=psk" in cmdline
+    assert "stiefel.port=10809" in cmdline and "stiefel.export=stiefel" in cmdline
+
+    # 2. the session PSK the client would append opens the NBD export over TLS (and only it)
+    entries = cpio.read_newc(open(os.path.join(run_dir, "nbd-psk.cpio"), "rb").read())
+    psk = [e for e in entries if e.name == "etc/stiefel/nbd.psk"][0]
+    assert psk.perm == 0o600 and psk.data.startswith(b"stiefel:")
+    psk_file = os.path.join(tmp, "client.psk")
+    with open(psk_file, "wb") as handle:
+        handle.write(psk.data)
+    os.chmod(psk_file, 0o600)
+    server_addr = manifest["server"]
+    # libnbd sends a scoped link-local host ("fe80::..%if") as TLS SNI and GnuTLS in nbdkit refuses it
+    # ("disallowed SNI server name"), so this check reaches the export over a test-only ULA address.
+    _run("ip", "-n", ns.server, "addr", "add", "fd5e:57ef::1/64", "dev", ns.veth_s, "nodad")
+    _run("ip", "-n", ns.client, "addr", "add", "fd5e:57ef::2/64", "dev", ns.veth_c, "nodad")
+    # An IPv6 literal as SNI is refused too: give the ULA a name in the client namespace's /etc/hosts
+    # (``ip netns exec`` bind-mounts /etc/netns/<ns>/hosts).
+    os.makedirs(ns.etc_dir, exist_ok=True)
+    with open(os.path.join(ns.etc_dir, "hosts"), "w") as handle:
+        handle.write("127.0.0.1 localhost\nfd5e:57ef::1 stiefel-server\n")
+    uri = "nbds://stiefel@stiefel-server:10809/stiefel?tls-psk-file=%s" % psk_file
+    info = subprocess.run(ns.exec_argv(ns.client, "nbdinfo", "--json", uri), capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr + server.text()
+    doc = json.loads(info.stdout)
+    export = doc["exports"][0]
+    assert export["export-size"] == 64 * 1024 * 1024
+    assert export["can_flush"] and export["can_fua"]
+    plain = subprocess.run(ns.exec_argv(ns.client, "nbdinfo", "--json", "nbd://[fd5e:57ef::1]:10809/stiefel"), capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0, "plaintext NBD must be refused"
+
+    # 3. a client with another key gets nothing; the server logs the drops and keeps serving
+    wrong_path = _write_key(os.path.join(tmp, "wrong-key"), keyfile.generate_key())
+    proc, _ = _client(ns, tmp, wrong_path, "client-wrong", 6)
+    assert proc.returncode == 1
+    assert "payload verified" not in proc.stdout
+    assert "WrongKey" in server.text()
+    assert server.proc.poll() is None
+
+    # 4. hostile bytes at the HTTP port and the discovery port do not stop the server
+    hostile = textwrap.dedent("""
+        import socket, os, http.client
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        for n in (0, 1, 60, 200, 513, 2000):
+            s.sendto(os.urandom(n), ("ff02::1", 61570, 0, socket.if_nametoindex("%s")))
+        c = http.client.HTTPConnection("%s%%%s", 61571, timeout=10)
+        c.request("GET", "/payload/" + "00" * 16 + "/" + "11" * 16)
+        print("http", c.getresponse().status)
+        c = http.client.HTTPConnection("%s%%%s", 61571, timeout=10)
+        c.request("GET", "/../../etc/shadow")
+        print("http", c.getresponse().status)
+    """) % (ns.veth_c, server_addr, ns.veth_c, server_addr, ns.veth_c)
+    out = subprocess.run(ns.exec_argv(ns.client, PYTHON, "-c", hostile), capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["http", "403", "http", "404"], out.stdout + out.stderr
+
+    # 5. the right key afterwards still succeeds
+    proc, run_dir = _client(ns, tmp, key_path, "client2", 60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _sha(os.path.join(run_dir, "payload", "initrd")) == _sha(os.path.join(boot, "initrd.img-6.1.0-test"))
+    text = server.text()
+    print(text[-4000:])
+    assert server.proc.poll() is None
+    assert text.count("dropped input") >= 6
+
+
+PROBE = """
+import json, os, socket, sys, time
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile, messages
+key = keyfile.read_key(sys.argv[1])
+wrong = keyfile.read_key(sys.argv[2])
+ifindex = socket.if_nametoindex(sys.argv[3])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+def offer():
+    cn = messages.new_nonce()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        s.sendto(messages.build_discover(key, cn), ("ff02::1", 61570, 0, ifindex))
+        try:
+            data, addr = s.recvfrom(600)
+        except socket.timeout:
+            continue
+        msg = messages.parse(key, data)
+        return msg, addr
+    raise SystemExit("no offer")
+def ack(expect_none=False):
+    try:
+        data, _ = s.recvfrom(600)
+    except socket.timeout:
+        return None
+    return messages.parse(key, data).type_name
+msg, addr = offer()
+print("offer role", msg.role)
+# forged: a valid request with one bit flipped in its MAC
+req = bytearray(messages.build_kexec_request(key, msg.client_nonce, msg.server_nonce)); req[-1] ^= 1
+s.sendto(bytes(req), addr); print("forged ->", ack())
+# wrong key, answering the right challenge
+s.sendto(messages.build_kexec_request(wrong, msg.client_nonce, msg.server_nonce), addr); print("wrongkey ->", ack())
+# a made-up challenge
+s.sendto(messages.build_kexec_request(key, msg.client_nonce, messages.new_nonce()), addr); print("unknown ->", ack())
+# the valid request
+good = messages.build_kexec_request(key, msg.client_nonce, msg.server_nonce)
+s.sendto(good, addr); print("valid ->", ack())
+# the same request again: replayed
+s.sendto(good, addr); print("replayed ->", ack())
+"""
+
+
+def test_autokexec_dry_run(world):
+    ns, tmp, agents = world
+    key = keyfile.generate_key()
+    key_path = _write_key(os.path.join(tmp, "key"), key)
+    wrong_path = _write_key(os.path.join(tmp, "wrong"), keyfile.generate_key())
+    for name in ("vmlinuz", "initrd.img"):
+        with open(os.path.join(tmp, name), "wb") as handle:
+            handle.write(os.urandom(4096))
+    config = {"version": 1, "kernel": os.path.join(tmp, "vmlinuz"), "initrd": os.path.join(tmp, "initrd.img"),
+              "cmdline": "stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0", "macs": [], "key": key_path}
+    with open(os.path.join(tmp, "autokexec.json"), "w") as handle:
+        json.dump(config, handle)
+    with open(os.path.join(tmp, "cmdline"), "w") as handle:
+        handle.write("root=/dev/sda1 ro quiet\n")
+    # Autokexec does not manage links it has no MAC for: the laptop's network setup brings the link up.
+    _run("ip", "-n", ns.server, "link", "set", ns.veth_s, "up")
+    _run("ip", "-n", ns.client, "link", "set", ns.veth_c, "up")
+    agent = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-autokexec"), "--config", os.path.join(tmp, "autokexec.json"),
+                       "--run-dir", os.path.join(tmp, "run"), "--proc-cmdline", os.path.join(tmp, "cmdline"),
+                       "--dry-run"], os.path.join(tmp, "autokexec.log"))
+    agents.append(agent)
+    agent.wait_for("listening for stiefel clients", 30)
+    time.sleep(2.5)  # IPv6 DAD on the fresh veth (link-local addresses become usable)
+    probe = subprocess.run(ns.exec_argv(ns.client, PYTHON, "-c", PROBE, key_path, wrong_path, ns.veth_c),
+                           capture_output=True, text=True, env=ENV, timeout=90)
+    print(probe.stdout, probe.stderr)
+    lines = probe.stdout.splitlines()
+    assert "offer role 2" in lines
+    assert "forged -> None" in lines
+    assert "wrongkey -> None" in lines
+    assert "unknown -> None" in lines
+    assert "valid -> KEXEC_ACK" in lines
+    assert "replayed -> None" in lines
+    agent.wait_for("dry-run: would run: kexec -e", 10)
+    text = agent.text()
+    print(text)
+    assert text.count("dry-run: would run: kexec -s -l") == 1
+    assert "'--command-line=stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0 stiefel.role=server'" in text
+    assert "AuthenticationFailed" in text and "WrongKey" in text and "ReplayedMessage" in text
+    # the initrd handed to kexec is the ramdisk plus the key cpio
+    initrd = os.path.join(tmp, "run", "ramdisk-with-key.img")
+    data = open(initrd, "rb").read()
+    assert data.startswith(open(os.path.join(tmp, "initrd.img"), "rb").read())
+    entries = cpio.read_newc(data[4096:])
+    assert [(e.name, e.perm) for e in entries if e.is_file] == [("etc/stiefel/key", 0o600)]
+    assert keyfile.decode_key(entries[-1].data) == key
+    assert os.stat(initrd).st_mode & 0o777 == 0o600
+
+
+def test_autokexec_refuses_when_stiefeled(world):
+    ns, tmp, _agents = world
+    key_path = _write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    config = {"version": 1, "kernel": "/nonexistent/vmlinuz", "initrd": "/nonexistent/initrd", "cmdline": "",
+              "macs": [], "key": key_path}
+    with open(os.path.join(tmp, "autokexec.json"), "w") as handle:
+        json.dump(config, handle)
+    with open(os.path.join(tmp, "cmdline"), "w") as handle:
+        handle.write("root=/dev/nbd0 stiefel.mac=52:54:00:12:34:56 stiefel.server=fe80::1\n")
+    proc = subprocess.run(ns.exec_argv(ns.server, PYTHON, os.path.join(AGENTS, "stiefel-autokexec"), "--config",
+                                       os.path.join(tmp, "autokexec.json"), "--proc-cmdline",
+                                       os.path.join(tmp, "cmdline"), "--dry-run"),
+                          capture_output=True, text=True, env=ENV, timeout=30)
+    assert proc.returncode == 0
+    assert "stays idle" in proc.stdout
