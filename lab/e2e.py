@@ -1,0 +1,263 @@
+"""The end-to-end flow in QEMU: a virtual laptop boots a virtual desktop.
+
+Subcommands (molecule's create/converge/verify/destroy and the demo call them):
+  create    laptop disk (real Debian + the project's setup-server.yml, through a
+            chroot connection), client stick (the project's flash-usb.yml into an
+            image file), the virtual cable (namespace, bridge, two taps)
+  converge  boot the laptop from its disk, then the desktop from the stick (UEFI);
+            wait for every stage of the flow; print the timeline
+  verify    the desktop ran the laptop's OS (machine-id, hostname from the serial
+            console), the proof file is on the laptop's disk, the filesystem is clean
+  destroy   stop the VMs by PID, remove the namespace, detach loop devices
+Everything lives in $STIEFEL_CACHE_DIR/e2e (serial logs: *.serial.log, timeline.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from lab import laptop_disk
+from lab.netns import VirtualLink
+from lab.qemu import VM, MarkerTimeout
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAPTOP_MAC = "52:54:00:5f:00:01"
+DESKTOP_MAC = "52:54:00:5f:00:02"
+STATE = "e2e-state.json"
+
+# (label, vm, pattern): the timeline, in the order the flow passes through it.
+STAGES = [
+    ("desktop power-on", "desktop", None),
+    ("client ramdisk up", "desktop", r"stiefel-ramdisk: starting role=client"),
+    ("discovery started", "desktop", r"stiefel-client: discovery started"),
+    ("autokexec triggered", "laptop", r"stiefel-autokexec: .*kexec"),
+    ("server ramdisk up", "laptop", r"stiefel-ramdisk: starting role=server"),
+    ("server ready", "laptop", r"stiefel-server: ready"),
+    ("payload verified", "desktop", r"stiefel-client: payload verified"),
+    ("kexec", "desktop", r"stiefel-client: kexec"),
+    ("NBD attached", "desktop", r"nbd0: p\d|stiefel: nbd attached"),
+    ("root mounted", "desktop", r"EXT4-fs \(nbd0p\d+\): mounted"),
+    ("boot target reached", "desktop", r"E2E-TARGET multi-user reached"),
+]
+
+
+def log(msg):
+    print("[e2e %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def workdir():
+    base = os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
+    path = os.path.join(base, "e2e")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load_state(wd):
+    path = os.path.join(wd, STATE)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def save_state(wd, state):
+    with open(os.path.join(wd, STATE), "w") as handle:
+        json.dump(state, handle, indent=1)
+
+
+def ansible_playbook(*args):
+    argv = [os.path.join(REPO, ".venv/bin/ansible-playbook")] + list(args)
+    log("$ " + " ".join(argv))
+    subprocess.run(argv, check=True, cwd=REPO)
+
+
+def mount_api(root):
+    mounts = []
+    for fs, target, opts in (("proc", "proc", []), ("sysfs", "sys", []), ("devtmpfs", "dev", [])):
+        path = os.path.join(root, target)
+        subprocess.run(["mount", "-t", fs, fs, path] + opts, check=True)
+        mounts.append(path)
+    return mounts
+
+
+def umount_all(mounts):
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def create(args):
+    wd = workdir()
+    key = os.path.join(wd, "stiefel.key")
+    tarball = laptop_disk.build_root_tarball(wd)
+    root = laptop_disk.unpack_root(tarball, os.path.join(wd, "laptop-root"))
+    inventory = os.path.join(wd, "laptop-inventory.yml")
+    with open(inventory, "w") as handle:
+        json.dump({"all": {"hosts": {"e2e-laptop": {
+            "ansible_connection": "community.general.chroot",
+            "ansible_host": root,
+            "ansible_python_interpreter": "/usr/bin/python3",
+        }}}}, handle)
+    mounts = mount_api(root)
+    try:
+        ansible_playbook("-i", inventory, "playbooks/setup-server.yml",
+                         "-e", "stiefel_hosts=e2e-laptop",
+                         "-e", json.dumps({
+                             "laptop_key_path": "/etc/stiefel/key",
+                             "laptop_server_disk": "/dev/vda",
+                             "laptop_trigger_macs": [],
+                             "laptop_extra_cmdline": "console=ttyS0,115200",
+                         }))
+    finally:
+        umount_all(mounts)
+    # The stick carries the laptop's key: copy it out of the laptop root.
+    with open(os.path.join(root, "etc/stiefel/key"), "rb") as src, open(key, "wb") as dst:
+        os.fchmod(dst.fileno(), 0o600)
+        dst.write(src.read())
+    laptop_disk.make_image(root, os.path.join(wd, "laptop.img"), "")
+    stick = os.path.join(wd, "stick.img")
+    ansible_playbook("playbooks/flash-usb.yml", "-e", json.dumps({
+        "device": stick, "usb_stick_confirm": True, "usb_stick_key_path": key,
+        "usb_stick_image_size": "512M",
+    }))
+    link = VirtualLink(suffix="e2e").create()
+    save_state(wd, {"netns": link.netns, "taps": link.taps})
+    log("created: laptop.img, stick.img, namespace %s" % link.netns)
+
+
+def _vm_pids(wd):
+    return load_state(wd).get("pids", {})
+
+
+def boot_laptop(wd, link, snapshot=False, name="laptop"):
+    vm = VM(name, wd, memory=1536, netns=link.netns)
+    vm.disk(os.path.join(wd, "laptop.img"))
+    if snapshot:
+        vm.add("-snapshot")
+    vm.nic(link.taps[0], LAPTOP_MAC)
+    return vm.start()
+
+
+def converge(args):
+    wd = workdir()
+    state = load_state(wd)
+    link = VirtualLink(suffix="e2e")
+    if not link.exists():
+        raise SystemExit("no virtual cable: run create first")
+    timeline = {}
+    # Reference: the same laptop disk booting directly in the same QEMU.
+    direct = boot_laptop(wd, link, snapshot=True, name="laptop-direct")
+    try:
+        stamp, _ = direct.wait_for(r"E2E-TARGET multi-user reached", timeout=600)
+        timeline["direct boot to target"] = stamp
+        log("direct boot of the laptop disk reached multi-user in %.1f s" % stamp)
+    finally:
+        direct.stop()
+    laptop = boot_laptop(wd, link)
+    state["pids"] = {"laptop": laptop.proc.pid}
+    save_state(wd, state)
+    laptop.wait_for(r"E2E-TARGET multi-user reached", timeout=600)
+    log("laptop OS is up (autokexec should be listening)")
+    desktop = VM("desktop", wd, memory=1536, netns=link.netns, uefi=True)
+    desktop.disk(os.path.join(wd, "stick.img"), usb=True)
+    desktop.nic(link.taps[1], DESKTOP_MAC)
+    desktop.start()
+    state["pids"]["desktop"] = desktop.proc.pid
+    save_state(wd, state)
+    vms = {"laptop": laptop, "desktop": desktop}
+    base = desktop.started_at
+    fails = (r"Kernel panic", r"stiefel-client: .*(error|failed)")
+    for label, which, pattern in STAGES:
+        vm = vms[which]
+        if pattern is None:
+            timeline[label] = 0.0
+            continue
+        try:
+            stamp, _ = vm.wait_for(pattern, timeout=900, fail_patterns=fails)
+        except MarkerTimeout as exc:
+            log("FAILED at stage '%s': %s" % (label, exc))
+            raise SystemExit(1)
+        timeline[label] = stamp + vm.started_at - base
+        log("%-22s %7.1f s" % (label, timeline[label]))
+    # The probe writes the proof file and powers the desktop off cleanly.
+    desktop.wait_for(r"E2E-PROOF sha256=([0-9a-f]{64})", timeout=300)
+    rc = desktop.wait_exit(300)
+    timeline["desktop clean power-off"] = time.monotonic() - base
+    if rc is None:
+        log("desktop did not power off within 300 s")
+        raise SystemExit(1)
+    laptop.stop()
+    with open(os.path.join(wd, "timeline.json"), "w") as handle:
+        json.dump(timeline, handle, indent=1)
+    print_timeline(timeline)
+
+
+def print_timeline(timeline):
+    print("\nTimeline (seconds since desktop power-on)")
+    for label, value in timeline.items():
+        print("  %-28s %7.1f" % (label, value))
+    total = timeline.get("boot target reached")
+    direct = timeline.get("direct boot to target")
+    if total and direct:
+        print("  %-28s %7.2f" % ("ratio stiefel / direct boot", total / direct))
+
+
+def verify(args):
+    wd = workdir()
+    log_text = open(os.path.join(wd, "desktop.serial.log"), encoding="utf-8", errors="replace").read()
+    root = os.path.join(wd, "laptop-root")
+    machine_id = open(os.path.join(root, "etc/machine-id")).read().strip()
+    import re
+    probe = re.search(r"E2E-PROBE machine-id=(\S+) hostname=(\S+)", log_text)
+    proof = re.search(r"E2E-PROOF sha256=([0-9a-f]{64})", log_text)
+    problems = []
+    if not probe or probe.group(1) != machine_id or probe.group(2) != laptop_disk.HOSTNAME:
+        problems.append("desktop did not run the laptop's OS (probe: %s)" % (probe.group(0) if probe else None))
+    offset = laptop_disk.ROOT_START_SECTOR * 512
+    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(offset), "--read-only",
+                           os.path.join(wd, "laptop.img")], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True)
+        if fsck.returncode != 0:
+            problems.append("laptop root filesystem is not clean: %s" % fsck.stdout[-500:])
+        dump = subprocess.run(["debugfs", "-R", "cat /root/e2e-proof", loop], capture_output=True)
+        import hashlib
+        got = hashlib.sha256(dump.stdout).hexdigest()
+        if not proof or got != proof.group(1):
+            problems.append("proof file on the laptop disk has sha256 %s, desktop wrote %s" % (got, proof.group(1) if proof else None))
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    if problems:
+        for problem in problems:
+            log("VERIFY FAILED: " + problem)
+        raise SystemExit(1)
+    log("verified: machine-id %s, hostname %s, proof file %s on the laptop disk, fsck clean"
+        % (machine_id, laptop_disk.HOSTNAME, proof.group(1)[:16]))
+
+
+def destroy(args):
+    wd = workdir()
+    state = load_state(wd)
+    for name, pid in state.get("pids", {}).items():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            log("stopped %s (pid %d)" % (name, pid))
+        except ProcessLookupError:
+            pass
+    VirtualLink(suffix="e2e").destroy()
+    state.pop("pids", None)
+    save_state(wd, state)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["create", "converge", "verify", "destroy"])
+    args = parser.parse_args(argv)
+    {"create": create, "converge": converge, "verify": verify, "destroy": destroy}[args.step](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

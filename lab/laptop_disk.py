@@ -1,0 +1,241 @@
+"""Build the virtual laptop of the end-to-end scenario.
+
+A real Debian bookworm (mmdebstrap, the host's apt sources) with its own
+kernel and initramfs, on a GPT disk image with GRUB (BIOS), so it boots on
+its own in QEMU. The project's setup-server.yml is applied to the root
+through a chroot connection before the root is packed into the image, so
+what boots is what the playbook made.
+
+Steps are separate so molecule's create can run them with progress:
+  root      mmdebstrap the root (cached as a tarball keyed by its inputs)
+  unpack    unpack it to a working root directory and add the test fixtures
+  image     make the disk image from the root: GPT, BIOS boot partition,
+            ext4 root (mkfs.ext4 -d), GRUB for i386-pc
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "e2fsprogs",
+    "kmod", "procps", "iproute2", "python3", "python3-cryptography", "python3-pyroute2", "kexec-tools",
+    "nbd-client", "busybox", "zstd", "ca-certificates",
+]
+HOSTNAME = "stiefel-laptop"
+ROOT_UUID = "5f1e7a2c-0d3b-4c8e-9a61-2b7c4d5e6f70"
+DISK_SIZE = 3 << 30
+BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+ROOT_START_SECTOR = 4096  # 2 MiB
+
+
+def log(msg):
+    print("[laptop-disk %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def run(argv, **kw):
+    log("$ " + " ".join(argv))
+    return subprocess.run(argv, check=True, **kw)
+
+
+def host_apt_sources():
+    """The host's apt source files: mmdebstrap pastes a file MIRROR into the chroot."""
+    files = []
+    if os.path.exists("/etc/apt/sources.list") and any(
+        line.strip() and not line.lstrip().startswith("#") for line in open("/etc/apt/sources.list")
+    ):
+        files.append("/etc/apt/sources.list")
+    files += sorted(glob.glob("/etc/apt/sources.list.d/*.sources")) + sorted(glob.glob("/etc/apt/sources.list.d/*.list"))
+    if not files:
+        raise SystemExit("no apt sources configured on this host")
+    return files
+
+
+def inputs_hash():
+    digest = hashlib.sha256(json.dumps(PACKAGES).encode())
+    for path in host_apt_sources():
+        digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:16]
+
+
+def build_root_tarball(workdir):
+    tarball = os.path.join(workdir, "laptop-root-%s.tar" % inputs_hash())
+    if os.path.exists(tarball):
+        log("root tarball cached: %s" % tarball)
+        return tarball
+    for old in glob.glob(os.path.join(workdir, "laptop-root-*.tar")):
+        os.unlink(old)
+    tmp = tarball + ".part"
+    started = time.monotonic()
+    argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=tar",
+            "--include=" + ",".join(PACKAGES),
+            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+            "bookworm", tmp] + host_apt_sources()
+    run(argv)
+    os.replace(tmp, tarball)
+    log("root built in %.0f s: %s (%d MiB)" % (time.monotonic() - started, tarball, os.path.getsize(tarball) >> 20))
+    return tarball
+
+
+def unpack_root(tarball, root):
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.makedirs(root)
+    run(["tar", "-C", root, "--numeric-owner", "-xpf", tarball])
+    with open(os.path.join(root, "etc/hostname"), "w") as handle:
+        handle.write(HOSTNAME + "\n")
+    with open(os.path.join(root, "etc/hosts"), "w") as handle:
+        handle.write("127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost\n" % HOSTNAME)
+    with open(os.path.join(root, "etc/machine-id"), "w") as handle:
+        handle.write(uuid.uuid4().hex + "\n")
+    with open(os.path.join(root, "etc/fstab"), "w") as handle:
+        handle.write("UUID=%s / ext4 errors=remount-ro 0 1\n" % ROOT_UUID)
+    # Services that only slow a TCG boot and play no part in the flow. Debian's
+    # kexec-tools loads a kexec kernel at boot for its own reboot handling.
+    for unit in ("kexec-load.service", "kexec.service", "e2scrub_all.timer", "e2scrub_reap.service",
+                 "systemd-binfmt.service", "apt-daily.timer", "apt-daily-upgrade.timer"):
+        link = os.path.join(root, "etc/systemd/system", unit)
+        if not os.path.lexists(link):
+            os.symlink("/dev/null", link)
+    # A root without password on the serial console: this is a throw-away test VM.
+    run(["chroot", root, "passwd", "-d", "root"], stdout=subprocess.DEVNULL)
+    install_probe(root)
+    return root
+
+
+PROBE_SCRIPT = r"""#!/bin/sh
+# End-to-end probe: only acts when the laptop OS runs on the desktop (stiefeled).
+grep -q 'stiefel.mac=' /proc/cmdline || exit 0
+echo "E2E-PROBE machine-id=$(cat /etc/machine-id) hostname=$(hostname) root=$(findmnt -no SOURCE /)" > /dev/ttyS0
+head -c 1048576 /dev/urandom > /root/e2e-proof
+sync
+echo "E2E-PROOF sha256=$(sha256sum /root/e2e-proof | cut -d' ' -f1)" > /dev/ttyS0
+echo "E2E-PROBE powering off" > /dev/ttyS0
+systemctl --no-block poweroff
+"""
+
+PROBE_UNIT = """[Unit]
+Description=stiefel end-to-end probe (test fixture)
+After=multi-user.target
+ConditionKernelCommandLine=stiefel.mac
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/stiefel-e2e-probe
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def install_probe(root):
+    path = os.path.join(root, "usr/local/sbin/stiefel-e2e-probe")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(PROBE_SCRIPT)
+    os.chmod(path, 0o755)
+    with open(os.path.join(root, "etc/systemd/system/stiefel-e2e-probe.service"), "w") as handle:
+        handle.write(PROBE_UNIT)
+    wants = os.path.join(root, "etc/systemd/system/multi-user.target.wants")
+    os.makedirs(wants, exist_ok=True)
+    link = os.path.join(wants, "stiefel-e2e-probe.service")
+    if not os.path.lexists(link):
+        os.symlink("/etc/systemd/system/stiefel-e2e-probe.service", link)
+    # A marker line when the boot target is reached, read from the serial console.
+    with open(os.path.join(root, "etc/systemd/system/stiefel-e2e-target.service"), "w") as handle:
+        handle.write("[Unit]\nDescription=boot target marker (test fixture)\nAfter=multi-user.target\n\n"
+                     "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo \"E2E-TARGET multi-user reached\" > /dev/ttyS0'\n\n"
+                     "[Install]\nWantedBy=multi-user.target\n")
+    link = os.path.join(wants, "stiefel-e2e-target.service")
+    if not os.path.lexists(link):
+        os.symlink("/etc/systemd/system/stiefel-e2e-target.service", link)
+
+
+def kernel_version(root):
+    kernels = sorted(glob.glob(os.path.join(root, "boot/vmlinuz-*")))
+    if not kernels:
+        raise SystemExit("no kernel in %s/boot" % root)
+    return os.path.basename(kernels[-1])[len("vmlinuz-"):]
+
+
+GRUB_CFG = """set timeout=1
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+menuentry 'Debian GNU/Linux (stiefel laptop)' {{
+    search --no-floppy --fs-uuid --set=root {uuid}
+    linux /boot/vmlinuz-{version} root=UUID={uuid} ro console=ttyS0,115200 {extra}
+    initrd /boot/initrd.img-{version}
+}}
+"""
+
+
+def make_image(root, image, extra_cmdline=""):
+    version = kernel_version(root)
+    if not os.path.exists(os.path.join(root, "boot/initrd.img-%s" % version)):
+        raise SystemExit("no initramfs for %s in %s/boot" % (version, root))
+    os.makedirs(os.path.join(root, "boot/grub"), exist_ok=True)
+    with open(os.path.join(root, "boot/grub/grub.cfg"), "w") as handle:
+        handle.write(GRUB_CFG.format(uuid=ROOT_UUID, version=version, extra=extra_cmdline))
+    tmp = image + ".part"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    with open(tmp, "wb") as handle:
+        handle.truncate(DISK_SIZE)
+    layout = "label: gpt\nstart=2048, size=2048, type=%s, name=bios\nstart=%d, type=%s, name=root\n" % (
+        BIOS_BOOT_TYPE, ROOT_START_SECTOR, LINUX_TYPE)
+    run(["sfdisk", "--quiet", tmp], input=layout.encode())
+    root_bytes = DISK_SIZE - ROOT_START_SECTOR * 512 - (1 << 20)  # GPT backup at the end
+    run(["mkfs.ext4", "-q", "-F", "-U", ROOT_UUID, "-L", "laptop-root", "-d", root,
+         "-E", "offset=%d" % (ROOT_START_SECTOR * 512), tmp, "%dk" % (root_bytes >> 10)])
+    loop = subprocess.run(["losetup", "--find", "--show", "--partscan", tmp], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    if not os.path.exists(loop + "p2"):
+        # The kernel's partition scan does not always run for a fresh loop device here.
+        subprocess.run(["partx", "-a", loop], check=False, capture_output=True)
+    mnt = tempfile.mkdtemp(prefix="stf-laptop-mnt.")
+    try:
+        run(["mount", loop + "p2", mnt])
+        try:
+            run(["grub-install", "--target=i386-pc", "--boot-directory=%s/boot" % mnt, "--modules=part_gpt ext2", loop])
+        finally:
+            run(["umount", mnt])
+    finally:
+        os.rmdir(mnt)
+        subprocess.run(["losetup", "-d", loop], check=False)
+    os.replace(tmp, image)
+    log("disk image ready: %s (kernel %s)" % (image, version))
+    return image
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["root", "unpack", "image"])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--extra-cmdline", default="")
+    args = parser.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    root = os.path.join(args.workdir, "laptop-root")
+    if args.step == "root":
+        build_root_tarball(args.workdir)
+    elif args.step == "unpack":
+        unpack_root(build_root_tarball(args.workdir), root)
+    else:
+        make_image(root, os.path.join(args.workdir, "laptop.img"), args.extra_cmdline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
