@@ -189,8 +189,11 @@ def server_argv(settings: ExportSettings, *, foreground: bool = True, pidfile: s
         argv += ["--pidfile", pidfile]
     if verbose:
         argv.append("--verbose")
-    if debug_tls:
-        argv += ["-D", "nbdkit.tls.session=1"]
+    if debug_tls:  # debug messages need --verbose; keep the per-request ones quiet
+        if not verbose:
+            argv.append("--verbose")
+        argv += ["-D", "nbdkit.tls.session=1", "-D", "nbdkit.backend.datapath=0",
+                 "-D", "nbdkit.backend.controlpath=0"]
     argv += ["--ipaddr", settings.address, "--port", str(settings.port),
              "--threads", str(settings.threads), "--newstyle"]
     if settings.read_only:
@@ -294,8 +297,8 @@ def export_uri(settings: ExportSettings, *, host: str | None = None, for_client:
     if not for_client:
         return "nbds://%s:%d/%s" % (host, settings.port, settings.name)
     user = tls_username or psk_username(settings.tls_psk_file)
-    return "nbds://%s@%s:%d/%s?tls-psk-file=%s" % (user, host, settings.port, settings.name,
-                                                  settings.tls_psk_file)
+    return "nbds://%s@%s:%d/%s?tls-psk-file=%s" % (
+        user, host, settings.port, settings.name, settings.tls_psk_file)
 
 
 def psk_username(psk_file: str) -> str:
@@ -528,18 +531,19 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_running(pid):
             return
         time.sleep(0.05)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while _alive(pid):
+    while is_running(pid):
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
     try:
         with open("/proc/%d/stat" % pid, "r", encoding="ascii", errors="replace") as handle:
             fields = handle.read().rsplit(")", 1)[-1].split()

@@ -12,9 +12,9 @@ module: nbd_serve
 short_description: Export a block device or image file over NBD (nbdkit)
 description:
   - Ensures a block device or image file is exported over NBD by nbdkit's file plugin,
-    with the settings of the stiefel library (C(nbd_export)): flush and FUA advertised,
-    multi-connection where nbdkit deems it safe, a strict export name, optional read-only
-    or copy-on-write, optional TLS-PSK restricted to AES-GCM.
+    with the settings of the stiefel library (C(nbd_export)). Flush and FUA are advertised,
+    multi-connection where nbdkit deems it safe, the export name is strict, optionally
+    read-only or copy-on-write, optionally TLS-PSK restricted to AES-GCM.
   - The server runs detached, so it outlives the playbook. It is supervised by systemd
     (a generated C(stiefel-nbd-<name>.service) unit) or by a pidfile under C(/run/stiefel/).
   - The desired settings are recorded next to the pidfile or unit; a run with the same
@@ -23,10 +23,11 @@ description:
     used as swap, or has active device-mapper/md holders, on itself or its partitions.
     The running system's own disk is always refused.
 version_added: "0.1.0"
-author: stiefel.system developers
+author:
+  - stiefel.system developers (@stiefel-system)
 options:
   name:
-    description: NBD export name; clients must ask for exactly this name. Also names the unit and state files.
+    description: NBD export name. Clients must ask for exactly this name. It also names the unit and state files.
     type: str
     default: stiefel
   path:
@@ -90,8 +91,13 @@ options:
     description: After starting (and on every run), check the advertised flags with C(nbdinfo --json).
     type: bool
     default: true
-notes:
-  - Supports check mode (a dry run that reports what would change) and diff mode.
+attributes:
+  check_mode:
+    description: A dry run that reports what would change and touches nothing.
+    support: full
+  diff_mode:
+    description: Shows the recorded settings (pidfile) or the unit (systemd) before and after.
+    support: full
 requirements:
   - nbdkit (Debian package nbdkit)
   - nbdinfo for I(verify) (Debian package libnbd-bin)
@@ -322,7 +328,7 @@ def pidfile_stopped(module, paths, result):
     recorded = read_state(paths.state)
     pid = read_pidfile(paths.pidfile)
     running = recorded is not None and pid_matches(pid, recorded[1])
-    leftovers = [p for p in (paths.state, paths.pidfile, paths.priority) if os.path.exists(p)]
+    leftovers = [p for p in (paths.state, paths.pidfile, paths.priority, paths.log) if os.path.exists(p)]
     if not running:
         if leftovers and not module.check_mode:
             for path in leftovers:
