@@ -44,6 +44,8 @@ import time
 import uuid
 
 from ansible_collections.stiefel.system.plugins.module_utils.cpio import key_archive
+from ansible_collections.stiefel.system.plugins.module_utils.errors import KeyFileError
+from ansible_collections.stiefel.system.plugins.module_utils.keyfile import decode_key
 
 FORMAT = "stiefel-usb-v1"
 SECTOR = 512
@@ -54,7 +56,6 @@ GPT_BACKUP_SECTORS = 33
 MIN_ESP_MIB = 64
 ESP_LABEL = "STIEFEL"
 BASE_CMDLINE = "console=tty0 console=ttyS0,115200 stiefel.role=client"
-KEY_RE = re.compile(rb"\Astiefel-key-v1:[0-9a-f]{64}\n\Z")
 
 SYSTEMD_BOOT_CANDIDATES = ("/usr/lib/systemd/boot/efi/systemd-bootx64.efi",)
 GPTMBR_CANDIDATES = ("/usr/lib/syslinux/mbr/gptmbr.bin", "/usr/lib/SYSLINUX/gptmbr.bin")
@@ -82,9 +83,10 @@ def parse_size(value):
 
 def check_key(text):
     """Raise StickError unless ``text`` (bytes) is a valid stiefel key file (never echoes it)."""
-    if not KEY_RE.match(text):
-        raise StickError("the key file is not a valid stiefel key (expected one line "
-                         "'stiefel-key-v1:' + 64 lowercase hex digits)")
+    try:
+        decode_key(text)
+    except KeyFileError as exc:
+        raise StickError("invalid stiefel key: %s" % exc) from None
 
 
 def find_first(candidates, what):
