@@ -102,7 +102,7 @@ def find_boot_files(boot_dir, log=print):
         kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
         initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
         if kernel and initrds and all(initrds):
-            return kernel, initrds, bootconfig.clean_cmdline(entry.get("options", "")), "BLS entry " + conf
+            return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("options", ""))), "BLS entry " + conf
     for grub_cfg in ("grub/grub.cfg", "grub2/grub.cfg"):
         path = os.path.join(boot_dir, grub_cfg)
         try:
@@ -114,7 +114,7 @@ def find_boot_files(boot_dir, log=print):
             kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
             initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
             if kernel and initrds and all(initrds):
-                return kernel, initrds, bootconfig.clean_cmdline(entry.get("args", "")), "grub entry " + path
+                return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("args", ""))), "grub entry " + path
     raise ServerError("no boot config, BLS entry or grub.cfg entry with a kernel and initrd in %s" % boot_dir)
 
 

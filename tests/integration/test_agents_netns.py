@@ -27,7 +27,9 @@ pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGENTS = os.path.join(REPO, "agents")
-PYTHON = sys.executable
+# STIEFEL_AGENT_PYTHON=/usr/bin/python3 runs the agents with Debian 12's python3-pyroute2 0.7 and
+# python3-cryptography 38, as on the targets.
+PYTHON = os.environ.get("STIEFEL_AGENT_PYTHON") or sys.executable
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "collections"), PYTHONUNBUFFERED="1")
 
 

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ansible_collections.stiefel.system.plugins.module_utils import autokexec, discovery, keyfile, messages
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ReplayedMessage
+
+KEY = bytes(range(32))
+
+GOOD = {"version": 1, "kernel": "/boot/stiefel/vmlinuz", "initrd": "/boot/stiefel/initrd.img",
+        "cmdline": "stiefel.disk=UUID=a stiefel.role=client", "macs": ["52:54:00:AA:BB:CC"]}
+
+
+def test_parse_config():
+    config = autokexec.parse_config(json.dumps(GOOD).encode())
+    assert config["macs"] == ["52:54:00:aa:bb:cc"] and config["key"] == "/etc/stiefel/key"
+
+
+@pytest.mark.parametrize("change", [
+    {"version": 2}, {"kernel": "relative"}, {"macs": ["nope"]}, {"cmdline": "a\nb"}, {"extra": 1},
+    {"version": True}, {"key": "k"},
+])
+def test_parse_config_rejects(change):
+    with pytest.raises(autokexec.AutokexecError):
+        autokexec.parse_config(json.dumps(dict(GOOD, **change)))
+
+
+@given(st.binary(max_size=300))
+def test_parse_config_hostile(raw):
+    try:
+        autokexec.parse_config(raw)
+    except autokexec.AutokexecError:
+        pass
+
+
+def test_server_cmdline_sets_role_once():
+    assert autokexec.server_cmdline("stiefel.disk=UUID=a stiefel.role=client quiet") == \
+        "stiefel.disk=UUID=a quiet stiefel.role=server"
+
+
+@pytest.mark.parametrize("cmdline, stiefeled", [
+    ("root=/dev/sda1 ro", False),
+    ("root=/dev/nbd0 stiefel.mac=52:54:00:12:34:56 stiefel.server=fe80::1", True),
+    ("root=/dev/sda1 notstiefel.mac=1", False),
+])
+def test_already_stiefeled(cmdline, stiefeled):
+    assert autokexec.already_stiefeled(cmdline) is stiefeled
+
+
+def _exchange(decider, key=KEY):
+    client = discovery.ClientDiscovery(key)
+    offer_bytes, trigger = decider.decide(client.discover(4), 4)
+    assert trigger is None
+    offer = client.handle(offer_bytes, "fe80::1", 4)
+    return client, offer
+
+
+def test_decider_triggers_once():
+    decider = autokexec.Decider(KEY)
+    client, offer = _exchange(decider)
+    request = client.kexec_request(offer)
+    ack, trigger = decider.decide(request, 4)
+    assert trigger and messages.parse(KEY, ack).type == messages.KEXEC_ACK
+    with pytest.raises(ReplayedMessage):
+        decider.decide(request, 4)
+
+
+def test_decider_ignores_other_links():
+    decider = autokexec.Decider(KEY, listen_indexes=lambda index: index == 9)
+    client = discovery.ClientDiscovery(KEY)
+    with pytest.raises(ProtocolError, match="not a stiefel link"):
+        decider.decide(client.discover(4), 4)
+
+
+@given(st.lists(st.binary(max_size=600), max_size=8), st.data())
+@settings(max_examples=100)
+def test_hostile_and_replayed_never_trigger(junk, data):
+    decider = autokexec.Decider(KEY)
+    client, offer = _exchange(decider)
+    good = client.kexec_request(offer)
+    other_key = keyfile.generate_key()
+    hostile = list(junk) + [
+        messages.build_kexec_request(other_key, offer.client_nonce, offer.server_nonce),  # wrong key
+        messages.build_kexec_request(KEY, offer.client_nonce, messages.new_nonce()),  # unknown challenge
+        messages.build_kexec_request(KEY, messages.new_nonce(), offer.server_nonce),  # another client's challenge
+        good[:-1], good + b"\0",
+    ]
+    for datagram in data.draw(st.permutations(hostile)):
+        try:
+            _reply, trigger = decider.decide(datagram, 4)
+        except ProtocolError:
+            continue
+        assert trigger is None  # at most a DISCOVER that got an OFFER
+    # A request naming this challenge with another client nonce (still made with the key) spends the
+    # challenge, so the genuine request may or may not trigger afterwards: never more than once.
+    triggers = 0
+    for _ in range(2):
+        try:
+            triggers += bool(decider.decide(good, 4)[1])
+        except ProtocolError:
+            pass
+    assert triggers <= 1
+
+
+class FakeSock(object):
+    def __init__(self):
+        self.sent = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+
+def test_agent_dry_run_builds_initrd_with_key(tmp_path):
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+
+    key_path = tmp_path / "key"
+    keyfile.write_key_atomic(str(key_path), KEY)
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd").write_bytes(b"i" * 4096)
+    config = autokexec.parse_config(json.dumps(dict(GOOD, kernel=str(tmp_path / "vmlinuz"),
+                                                    initrd=str(tmp_path / "initrd"), key=str(key_path), macs=[])))
+    console = Console("stiefel-autokexec", stream=io.StringIO())
+    agent = autokexec.AutokexecAgent(config, console, run_dir=str(tmp_path / "run"), dry_run=True)
+    agent.sock = FakeSock()
+    client = discovery.ClientDiscovery(KEY)
+    assert agent.handle_datagram(client.discover(2), "fe80::5", 61570, 2) is None
+    offer = client.handle(agent.sock.sent[-1][0], "fe80::5", 2)
+    assert agent.handle_datagram(client.kexec_request(offer), "fe80::5", 61570, 2)
+    out = console.stream.getvalue()
+    assert "dry-run: would run: kexec -s -l" in out and "stiefel.role=server" in out
+    data = (tmp_path / "run" / "ramdisk-with-key.img").read_bytes()
+    assert keyfile.decode_key(cpio.read_newc(data[4096:])[-1].data) == KEY
+    # garbage is logged and dropped, the agent keeps going
+    assert agent.handle_datagram(b"garbage", "fe80::6", 61570, 2) is None
+    assert console.dropped == 1

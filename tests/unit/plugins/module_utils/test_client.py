@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ansible_collections.stiefel.system.plugins.module_utils import client, cpio, discovery, keyschedule, messages
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console, parse_cmdline
+
+KEY = bytes(range(32))
+
+
+def test_hook_cmdline():
+    line = client.hook_cmdline("root=UUID=r ro quiet stiefel.mac=11:22:33:44:55:66 stiefel.tls=off",
+                               "52:54:00:AA:BB:CC", "fe80::1%eth0", 10809, "stiefel")
+    assert line == ("root=UUID=r ro quiet stiefel.mac=52:54:00:aa:bb:cc stiefel.server=fe80::1 "
+                    "stiefel.port=10809 stiefel.export=stiefel stiefel.tls=psk")
+    options = parse_cmdline(line)
+    assert options["mac"] == "52:54:00:aa:bb:cc" and options["server"] == "fe80::1"
+
+
+def test_psk_archive():
+    cn, sn = messages.new_nonce(), messages.new_nonce()
+    entries = cpio.read_newc(client.psk_archive(KEY, cn, sn))
+    psk = [e for e in entries if e.is_file]
+    assert [(e.name, e.perm, e.uid) for e in psk] == [("etc/stiefel/nbd.psk", 0o600, 0)]
+    assert psk[0].data.decode() == keyschedule.nbd_psk_line(KEY, cn, sn) + "\n"
+
+
+class FakeSock(object):
+    def __init__(self):
+        self.sent = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+
+class FakeLinks(object):
+    def __init__(self):
+        self.links = {}
+
+
+def agent():
+    console = Console("stiefel-client", stream=io.StringIO())
+    a = client.ClientAgent(KEY, console)
+    a.sock = FakeSock()
+    a.links = FakeLinks()
+    return a
+
+
+def test_autokexec_offer_gets_a_kexec_request():
+    a = agent()
+    responder = discovery.Responder(KEY, lambda: {"role": messages.ROLE_AUTOKEXEC},
+                                    book=messages.ChallengeBook(), accept_kexec=True)
+    offer, _ = responder.handle(a.disc.discover(5))
+    assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
+    (request, addr), = a.sock.sent
+    assert addr == ("fe80::2", 61570, 0, 5)
+    ack, msg = responder.handle(request)
+    assert msg.type == messages.KEXEC_REQUEST
+    assert a.handle_datagram(ack, "fe80::2", 61570, 5) is None
+    assert "rebooting into server mode" in a.console.stream.getvalue()
+
+
+def test_server_offer_on_vanished_link_keeps_discovering():
+    a = agent()
+    responder = discovery.Responder(KEY, lambda: {"role": messages.ROLE_SERVER, "http_port": 1})
+    offer, _ = responder.handle(a.disc.discover(5))
+    assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
+    assert "failed" in a.console.stream.getvalue()
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=200)
+def test_hostile_datagrams_logged_and_dropped(data):
+    a = agent()
+    assert a.handle_datagram(data, "fe80::66", 61570, 3) is None
+    assert a.sock.sent == []
+    assert a.console.dropped == 1
+
+
+def test_stop_before_kexec_needs_no_kexec(tmp_path, monkeypatch):
+    """boot_from with a fetched payload prints the manifest and writes the PSK cpio."""
+    from ansible_collections.stiefel.system.plugins.module_utils import payload
+
+    kernel = tmp_path / "k"
+    initrd = tmp_path / "i"
+    kernel.write_bytes(b"k" * 100)
+    initrd.write_bytes(b"i" * 100)
+    manifest = payload.build_manifest(str(kernel), str(initrd), "root=/dev/x")
+    monkeypatch.setattr(client, "fetch_payload", lambda *a, **k: manifest)
+    a = agent()
+    a.run_dir = str(tmp_path / "run")
+    a.stop_before_kexec = True
+
+    class L(object):
+        ifname, mac = "eth0", "52:54:00:00:00:01"
+
+    a.links.links[5] = L()
+    msg = messages.Message(messages.OFFER, messages.new_nonce(), messages.new_nonce(), messages.ROLE_SERVER,
+                           0, 61571, 10809, "stiefel")
+    assert a.boot_from(discovery.Offer(msg, "fe80::9", 5, 61570)) == 0
+    assert (tmp_path / "run" / "nbd-psk.cpio").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ansible_collections.stiefel.system.plugins.module_utils import discovery, keyfile, messages
+from ansible_collections.stiefel.system.plugins.module_utils.errors import (
+    AuthenticationFailed,
+    MalformedMessage,
+    ProtocolError,
+    ReplayedMessage,
+    WrongKey,
+)
+
+KEY = bytes(range(32))
+OTHER = bytes(range(1, 33))
+
+
+class Clock(object):
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def server_responder(clock=None):
+    fields = lambda: {"role": messages.ROLE_SERVER, "http_port": 61571, "nbd_port": 10809, "export_name": "stiefel"}
+    return discovery.Responder(KEY, fields, clock=clock or Clock())
+
+
+def autokexec_responder(clock):
+    return discovery.Responder(KEY, lambda: {"role": messages.ROLE_AUTOKEXEC},
+                               book=messages.ChallengeBook(clock=clock), accept_kexec=True, clock=clock)
+
+
+def test_full_exchange_with_server():
+    client = discovery.ClientDiscovery(KEY)
+    server = server_responder()
+    offer_bytes, msg = server.handle(client.discover(7))
+    assert msg.type == messages.DISCOVER
+    offer = client.handle(offer_bytes, "fe80::1", 7)
+    assert isinstance(offer, discovery.Offer)
+    assert offer.role == messages.ROLE_SERVER and offer.message.http_port == 61571
+    server.book.check(offer.client_nonce, offer.server_nonce)  # the session is open for the payload
+
+
+def test_replayed_discover_dropped_server_stays_usable():
+    client = discovery.ClientDiscovery(KEY)
+    server = server_responder()
+    discover = client.discover(1)
+    server.handle(discover)
+    with pytest.raises(ReplayedMessage):
+        server.handle(discover)
+    server.handle(client.discover(1))
+
+
+def test_offer_checks():
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    server = server_responder()
+    offer_bytes, _ = server.handle(client.discover(1))
+    with pytest.raises(MalformedMessage, match="interface"):
+        client.handle(offer_bytes, "fe80::1", 2)  # arrived on another link
+    client.handle(offer_bytes, "fe80::1", 1)
+    with pytest.raises(ReplayedMessage):
+        client.handle(offer_bytes, "fe80::1", 1)  # the same OFFER again
+    # an OFFER for a nonce we never sent
+    stray = messages.build_offer(KEY, messages.new_nonce(), messages.new_nonce(), messages.ROLE_SERVER)
+    with pytest.raises(ReplayedMessage):
+        client.handle(stray, "fe80::1", 1)
+    # an OFFER that comes too late
+    offer_bytes, _ = server.handle(client.discover(1))
+    clock.now += 3600
+    with pytest.raises(ReplayedMessage):
+        client.handle(offer_bytes, "fe80::1", 1)
+
+
+def test_wrong_key_and_forgery():
+    client = discovery.ClientDiscovery(OTHER)
+    server = server_responder()
+    with pytest.raises(WrongKey):
+        server.handle(client.discover(1))
+    good = bytearray(discovery.ClientDiscovery(KEY).discover(1))
+    good[-3] ^= 0x40
+    with pytest.raises(AuthenticationFailed):
+        server.handle(bytes(good))
+
+
+def test_server_ignores_kexec_requests():
+    server = server_responder()
+    with pytest.raises(MalformedMessage):
+        server.handle(messages.build_kexec_request(KEY, messages.new_nonce(), messages.new_nonce()))
+
+
+def test_autokexec_challenge_once():
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    responder = autokexec_responder(clock)
+    offer = client.handle(responder.handle(client.discover(3))[0], "fe80::2", 3)
+    assert offer.role == messages.ROLE_AUTOKEXEC
+    request = client.kexec_request(offer)
+    ack, msg = responder.handle(request)
+    assert msg.type == messages.KEXEC_REQUEST
+    assert client.handle(ack, "fe80::2", 3).type == messages.KEXEC_ACK
+    with pytest.raises(ReplayedMessage):
+        responder.handle(request)
+    with pytest.raises(ReplayedMessage):
+        client.handle(ack, "fe80::2", 3)  # the ACK again
+
+
+def test_autokexec_expired_challenge():
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    responder = autokexec_responder(clock)
+    offer = client.handle(responder.handle(client.discover(3))[0], "fe80::2", 3)
+    clock.now += 31
+    with pytest.raises(ReplayedMessage):
+        responder.handle(client.kexec_request(offer))
+
+
+def test_session_book_uses_and_ttl():
+    clock = Clock()
+    book = discovery.SessionBook(uses=2, ttl=10, clock=clock)
+    cn = messages.new_nonce()
+    sn = book.issue(cn)
+    with pytest.raises(ReplayedMessage):
+        book.check(messages.new_nonce(), sn)
+    book.check(cn, sn)
+    book.check(cn, sn)
+    with pytest.raises(ReplayedMessage):
+        book.check(cn, sn)
+    sn = book.issue(cn)
+    clock.now += 11
+    with pytest.raises(ReplayedMessage):
+        book.check(cn, sn)
+
+
+def test_session_book_bounded():
+    book = discovery.SessionBook(capacity=4)
+    for _ in range(100):
+        book.issue(messages.new_nonce())
+    assert len(book) == 4
+
+
+def test_split_address():
+    assert discovery.split_address(("fe80::1%eth0", 61570, 0, 4)) == ("fe80::1", 61570, 4)
+
+
+@given(st.binary(max_size=700))
+def test_hostile_datagrams_to_every_handler(data):
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    handlers = [server_responder(clock).handle, autokexec_responder(clock).handle,
+                lambda d: client.handle(d, "fe80::1", 1)]
+    for handle in handlers:
+        with pytest.raises(ProtocolError):
+            handle(data)
+    # every handler still works afterwards
+    server = server_responder(clock)
+    offer_bytes, _ = server.handle(client.discover(1))
+    assert client.handle(offer_bytes, "fe80::1", 1).role == messages.ROLE_SERVER
+
+
+@given(st.data())
+def test_mutated_genuine_datagrams_are_dropped(data):
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    responder = autokexec_responder(clock)
+    discover = client.discover(1)
+    offer_bytes, _ = responder.handle(discover)
+    offer = client.handle(offer_bytes, "fe80::1", 1)
+    request = client.kexec_request(offer)
+    target = data.draw(st.sampled_from(["discover", "request"]))
+    original = discover if target == "discover" else request
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend"]))
+    if kind == "flip":
+        pos = data.draw(st.integers(min_value=0, max_value=len(original) - 1))
+        bit = data.draw(st.integers(min_value=0, max_value=7))
+        mutated = bytearray(original)
+        mutated[pos] ^= 1 << bit
+        mutated = bytes(mutated)
+    elif kind == "truncate":
+        mutated = original[:data.draw(st.integers(min_value=0, max_value=len(original) - 1))]
+    else:
+        mutated = original + data.draw(st.binary(min_size=1, max_size=600))
+    with pytest.raises(ProtocolError):
+        responder.handle(mutated)
+    # the genuine request is still honoured exactly once
+    ack, msg = responder.handle(request)
+    assert msg.type == messages.KEXEC_REQUEST
+
+
+def test_key_material_from_keyfile_works():
+    key = keyfile.generate_key()
+    client = discovery.ClientDiscovery(key)
+    assert messages.parse(key, client.discover(1)).type == messages.DISCOVER

@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import threading
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ansible_collections.stiefel.system.plugins.module_utils import discovery, keyschedule, messages, payload, server
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+
+KEY = bytes(range(32))
+
+
+def make_boot(tmp_path, config=True, kernel=b"K" * 5000, initrd=b"I" * 3000):
+    boot = tmp_path / "boot"
+    (boot / "stiefel").mkdir(parents=True)
+    (boot / "vmlinuz-6.1.0-9-amd64").write_bytes(kernel)
+    (boot / "initrd.img-6.1.0-9-amd64").write_bytes(initrd)
+    if config:
+        (boot / "stiefel" / "boot.json").write_text(json.dumps({
+            "format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-6.1.0-9-amd64",
+            "initrd": ["initrd.img-6.1.0-9-amd64"], "cmdline": "root=UUID=r ro quiet", "root": "UUID=r"}))
+    return boot
+
+
+def test_boot_config_first(tmp_path):
+    boot = make_boot(tmp_path)
+    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    assert kernel.endswith("vmlinuz-6.1.0-9-amd64") and len(initrds) == 1
+    assert cmdline == "root=UUID=r ro quiet" and source.startswith("boot config")
+
+
+def test_bls_fallback(tmp_path):
+    boot = make_boot(tmp_path, config=False)
+    (boot / "loader" / "entries").mkdir(parents=True)
+    (boot / "loader" / "entries" / "a.conf").write_text(
+        "title Debian\nlinux /vmlinuz-6.1.0-9-amd64\ninitrd /initrd.img-6.1.0-9-amd64\noptions root=UUID=x ro BOOT_IMAGE=/v\n")
+    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    assert source.startswith("BLS") and cmdline == "root=UUID=x ro"
+
+
+def test_grub_fallback_with_boot_prefix(tmp_path):
+    boot = make_boot(tmp_path, config=False)
+    (boot / "grub").mkdir()
+    (boot / "grub" / "grub.cfg").write_text(
+        "menuentry 'Debian' {\n  linux /boot/vmlinuz-6.1.0-9-amd64 root=UUID=y ro\n"
+        "  initrd /boot/initrd.img-6.1.0-9-amd64\n}\n")
+    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    assert source.startswith("grub") and cmdline.startswith("root=UUID=y")
+
+
+def test_invalid_config_falls_back_and_escape_refused(tmp_path):
+    boot = make_boot(tmp_path, config=False)
+    (boot / "stiefel" / "boot.json").write_text('{"format": "stiefel-boot-config", "version": 1, "kernel": '
+                                                 '"../../etc/passwd", "initrd": ["x"], "cmdline": "a", "root": "b"}')
+    with pytest.raises(server.ServerError, match="no boot config"):
+        server.find_boot_files(str(boot), log=lambda s: None)
+
+
+def test_boot_source_concatenates_initrds(tmp_path):
+    boot = make_boot(tmp_path)
+    (boot / "ucode.img").write_bytes(b"U" * 10)
+    cfg = json.loads((boot / "stiefel" / "boot.json").read_text())
+    cfg["initrd"] = ["ucode.img", "initrd.img-6.1.0-9-amd64"]
+    (boot / "stiefel" / "boot.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    run.mkdir()
+    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    manifest = source.prepare(copy=True)
+    assert manifest.files["initrd"][0] == 3010
+    assert open(source.paths["initrd"], "rb").read().startswith(b"U" * 10)
+    assert source.paths["kernel"].startswith(str(run))
+
+
+@pytest.mark.parametrize("supplies, level", [
+    ([], 0),
+    ([{"type": "Battery", "capacity": 80, "status": "Discharging"}, {"type": "Mains", "online": 1}], 0),
+    ([{"type": "Battery", "capacity": 80, "status": "Discharging"}, {"type": "Mains", "online": 0}], 1),
+    ([{"type": "Battery", "capacity": 10, "status": "Discharging"}], 2),
+    ([{"type": "Battery", "capacity": None, "status": "Discharging"}], 1),
+    ([{"type": "Battery", "capacity": 5, "status": "Charging"}], 0),
+])
+def test_power_warning(supplies, level):
+    assert server.power_warning(supplies)[0] == level
+
+
+def test_read_power_supplies(tmp_path):
+    bat = tmp_path / "BAT0"
+    bat.mkdir()
+    (bat / "type").write_text("Battery\n")
+    (bat / "capacity").write_text("15\n")
+    (bat / "status").write_text("Discharging\n")
+    ac = tmp_path / "AC"
+    ac.mkdir()
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("garbage\n")
+    supplies = server.read_power_supplies(str(tmp_path))
+    level, message = server.power_warning(supplies)
+    assert level == 2 and "15%" in message
+
+
+def test_tcp_peers(tmp_path):
+    table = tmp_path / "tcp6"
+    # fe80::1 as /proc/net/tcp6 prints it (little-endian 32-bit words), state 01, local port 0x2A39 (10809)
+    table.write_text("  sl  local_address remote_address st\n"
+                     "   0: 00000000000000000000000000000000:2A39 000080FE000000000000000001000000:C350 01 x\n"
+                     "   1: 00000000000000000000000000000000:2A39 00000000000000000000000000000000:0000 0A x\n")
+    assert server.tcp_peers(10809, str(table)) == ["fe80::1"]
+
+
+def state_with_source(tmp_path, locked=False):
+    boot = make_boot(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    state = server.ServerState(KEY, str(run), 61571, 10809, "stiefel", needs_unlock=locked, log=lambda s: None)
+    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    source.prepare()
+    state.source = source
+    return state
+
+
+def open_session(state):
+    client = discovery.ClientDiscovery(KEY)
+    offer = client.handle(state.answer(client.discover(1)), "fe80::1", 1)
+    return offer
+
+
+def test_route_decisions(tmp_path):
+    state = state_with_source(tmp_path)
+    offer = open_session(state)
+    assert not offer.message.needs_passphrase
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    assert state.route("GET", path)[0] == 200
+    assert state.route("GET", "/payload/%s/%s" % ("00" * 16, offer.server_nonce.hex()))[0] == 403
+    assert state.route("GET", path.upper())[0] == 404
+    assert state.route("DELETE", path)[0] == 405
+    assert state.route("POST", "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))[0] == 409
+
+
+def test_locked_boot_flags_offer_and_refuses_payload(tmp_path):
+    state = state_with_source(tmp_path, locked=True)
+    offer = open_session(state)
+    assert offer.message.needs_passphrase
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    assert state.route("GET", path)[0] == 409
+
+
+@given(st.sampled_from(["GET", "POST", "HEAD", "PUT"]), st.text(max_size=120))
+@settings(max_examples=200)
+def test_random_paths_never_served(method, path):
+    state = server.ServerState(KEY, "/nonexistent", 1, 2, "stiefel", log=lambda s: None)
+    status = state.route(method, path)[0]
+    assert status in (403, 404, 405, 409, 503)
+
+
+def test_session_started_writes_psk(tmp_path):
+    state = state_with_source(tmp_path)
+    offer = open_session(state)
+    state.session_started("fe80::1", offer.client_nonce, offer.server_nonce)
+    text = open(state.psk_path).read()
+    assert text == keyschedule.nbd_psk_line(KEY, offer.client_nonce, offer.server_nonce) + "\n"
+    assert os.stat(state.psk_path).st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------------------ the HTTP handler on loopback
+
+@pytest.fixture
+def http_server(tmp_path):
+    state = state_with_source(tmp_path, locked=True)
+    unlocked = []
+
+    def unlock(passphrase):
+        if passphrase != b"correct horse":
+            raise StiefelError("cryptsetup refused the passphrase")
+        unlocked.append(passphrase)
+
+    state.unlock = unlock
+    console = Console("test", stream=io.StringIO())
+    httpd = server.DualStackServer(("::1", 0), server.make_handler(state, console))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state, httpd.server_address[1], console, unlocked
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def request(port, method, path, body=None):
+    conn = http.client.HTTPConnection("::1", port, timeout=10)
+    conn.request(method, path, body=body)
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def test_unlock_then_payload(http_server, tmp_path):
+    state, port, console, unlocked = http_server
+    offer = open_session(state)
+    cn, sn = offer.client_nonce, offer.server_nonce
+    unlock_path = "/unlock/%s/%s" % (cn.hex(), sn.hex())
+    # hostile bodies: dropped, server still usable
+    assert request(port, "POST", unlock_path, b"x" * 10)[0] == 403
+    assert request(port, "POST", unlock_path, payload.seal_passphrase(bytes(32), cn, sn, b"correct horse"))[0] == 403
+    assert request(port, "POST", unlock_path, payload.seal_passphrase(KEY, cn, sn, b"wrong"))[0] == 403
+    # one fetch use is left of the 4: the right passphrase
+    assert request(port, "POST", unlock_path, payload.seal_passphrase(KEY, cn, sn, b"correct horse"))[0] == 200
+    assert unlocked == [b"correct horse"] and not state.locked
+    offer = open_session(state)
+    status, body = request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))
+    assert status == 200
+    out = tmp_path / "recv"
+    out.mkdir()
+    stream = io.BytesIO(body)
+    manifest = payload.receive_payload(stream.read, KEY, offer.client_nonce, str(out))
+    assert manifest.cmdline == "root=UUID=r ro quiet"
+    assert (out / "kernel").read_bytes() == b"K" * 5000
+    assert state.payload_count == 1
+    assert "dropped input" in console.stream.getvalue()
+
+
+def test_payload_replay_limit(http_server):
+    state, port, _console, _unlocked = http_server
+    state.locked = False
+    offer = open_session(state)
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    for _ in range(4):
+        assert request(port, "GET", path)[0] == 200
+    assert request(port, "GET", path)[0] == 403
