@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""NBD read/write throughput as a fraction of the shaped line rate (issue 7.1).
+
+    sudo .venv/bin/python bench/nbd_throughput.py            # 1 GiB, the real numbers
+    sudo .venv/bin/python bench/nbd_throughput.py --quick    # 256 MiB
+
+A server namespace and a client namespace are joined by a veth pair shaped
+with htb so the TCP payload ceiling is that of 1 GbE (117.7 MB/s) and 2.5 GbE
+(294.2 MB/s) at MTU 1500. In the server namespace the same file (on tmpfs,
+so the disk is not what is measured) is served side by side by:
+
+- ``nbdkit``: exactly the stiefel export settings (``nbd_export.server_argv``),
+- ``nbd-server``: the upstream Stiefelsystem way (an export with only
+  ``exportname`` and ``copyonwrite = false``),
+- ``nbdkit TLS``: the stiefel settings with TLS-PSK (AES-GCM forced), and for
+  contrast ``nbdkit TLS default``: GnuTLS' own choice (ChaCha20 on Debian 12),
+  at 2.5 GbE only.
+
+nbdcopy in the client namespace reads each export to ``null:`` and writes a
+random file into it (``--flush``), with 1 and 4 connections. A raw TCP
+stream calibrates the shaper. Prints a table, saves JSON to
+``$STIEFEL_CACHE_DIR/bench/nbd.json``. Cleans up namespaces and processes
+(by PID) even on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "collections"))
+sys.path.insert(0, str(HERE))
+
+from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne  # noqa: E402
+from netns import NetnsPair, htb_rate_for, payload_ceiling, wait_for  # noqa: E402
+
+MiB = 1 << 20
+RATES = {"1GbE": 1e9, "2.5GbE": 2.5e9}
+PORTS = {"nbdkit": 10809, "nbd-server": 10810, "nbdkit TLS": 10811, "nbdkit TLS default": 10812}
+TCP_PORT = 5201
+
+RAW_SINK = r"""
+import socket, sys, time
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1)
+print("ready", flush=True)
+conn, _ = srv.accept()
+total = 0; start = None
+buf = bytearray(1 << 20)
+while True:
+    n = conn.recv_into(buf)
+    if not n:
+        break
+    if start is None:
+        start = time.monotonic()
+    total += n
+print(total, time.monotonic() - start, flush=True)
+"""
+
+RAW_SOURCE = r"""
+import os, socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+chunk = os.urandom(1 << 20)
+left = int(sys.argv[3])
+while left > 0:
+    n = min(left, len(chunk)); sock.sendall(chunk[:n]); left -= n
+sock.shutdown(socket.SHUT_WR); sock.recv(1)
+"""
+
+
+def log(msg):
+    print("[nbd-bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
+
+
+def random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            handle.write(secrets.token_bytes(n))
+            left -= n
+
+
+def raw_tcp(pair: NetnsPair, size: int) -> float:
+    """Bytes/s of a plain TCP stream server -> client through the shaper."""
+    sink = pair.popen("client", [sys.executable, "-c", RAW_SINK, pair.addr["client"], str(TCP_PORT)],
+                      stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    pair.run("server", [sys.executable, "-c", RAW_SOURCE, pair.addr["client"], str(TCP_PORT), str(size)],
+             timeout=600)
+    total, seconds = sink.stdout.readline().split()
+    sink.wait(timeout=30)
+    return int(total) / float(seconds)
+
+
+def nbdcopy(pair: NetnsPair, direction: str, uri: str, conns: int, src: Path, flush: bool) -> float:
+    """Seconds for one nbdcopy; writes end with a flush when the export has one (nbd-server has not)."""
+    if direction == "read":
+        argv = ["nbdcopy", "-C", str(conns), uri, "null:"]
+    else:
+        argv = ["nbdcopy", "-C", str(conns)] + (["--flush"] if flush else []) + [str(src), uri]
+    start = time.monotonic()
+    proc = pair.run("client", argv, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(argv), proc.stderr.decode(errors="replace").strip()))
+    return time.monotonic() - start
+
+
+def probe(pair: NetnsPair, uri: str) -> ne.ExportInfo:
+    def attempt():
+        proc = pair.run("client", ["nbdinfo", "--json", uri], check=False)
+        return ne.parse_nbdinfo_json(proc.stdout) if proc.returncode == 0 else None
+    info = wait_for(attempt, timeout=15)
+    if info is None:
+        raise RuntimeError("export %s did not come up" % uri)
+    return info
+
+
+def start_servers(pair: NetnsPair, work: Path, export: Path) -> dict:
+    """Start every server in the server namespace; return name -> client URI."""
+    addr = pair.addr["server"]
+    uris = {}
+    psk = work / "nbd.psk"
+    psk.write_text("stiefel:%s\n" % secrets.token_hex(32))
+    psk.chmod(0o600)
+    prio = ne.write_gnutls_priority_file(str(work / "gnutls-aes-gcm.conf"))
+    variants = {
+        "nbdkit": ne.ExportSettings(path=str(export), address=addr, port=PORTS["nbdkit"]),
+        "nbdkit TLS": ne.ExportSettings(path=str(export), address=addr, port=PORTS["nbdkit TLS"],
+                                        tls_psk_file=str(psk)),
+        "nbdkit TLS default": ne.ExportSettings(path=str(export), address=addr, port=PORTS["nbdkit TLS default"],
+                                                tls_psk_file=str(psk), tls_aes_gcm_only=False),
+    }
+    for name, settings in variants.items():
+        logfile = open(work / ("%s.log" % name.replace(" ", "-")), "wb")  # pylint: disable=consider-using-with
+        pair.popen("server", ne.server_argv(settings, debug_tls=bool(settings.tls_psk_file)),
+                   env=ne.server_env(settings, prio), stdout=logfile, stderr=logfile)
+        logfile.close()
+        uris[name] = ne.export_uri(settings, for_client=True)
+    # upstream Stiefelsystem: nbd-server, export with only exportname and copyonwrite = false
+    conf = work / "nbd-server.conf"
+    conf.write_text("[generic]\nport = %d\n[stiefel]\nexportname = %s\ncopyonwrite = false\n"
+                    % (PORTS["nbd-server"], export))
+    pidfile = work / "nbd-server.pid"
+    pair.run("server", ["nbd-server", "-C", str(conf), "-p", str(pidfile)])
+    pid = wait_for(lambda: ne.read_pidfile(str(pidfile)), timeout=10)
+    if not pid:
+        raise RuntimeError("nbd-server did not write its pidfile")
+    uris["nbd-server"] = "nbd://%s:%d/stiefel" % (addr, PORTS["nbd-server"])
+    uris["_nbd_server_pid"] = pid
+    return uris
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="export size in MiB (default 1024)")
+    parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
+    parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/nbd.json)")
+    args = parser.parse_args(argv)
+    size = (256 if args.quick else args.size_mib) * MiB
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for tool in ("nbdkit", "nbd-server", "nbdcopy", "nbdinfo", "nsenter", "tc"):
+        if not shutil.which(tool):
+            print("missing tool: %s" % tool, file=sys.stderr)
+            return 2
+    out_path = Path(args.output) if args.output else cache_dir() / "bench" / "nbd.json"
+
+    main_pid = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != main_pid:  # pyroute2's forked netns helpers inherit this handler
+            os._exit(1)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    work = Path(tempfile.mkdtemp(prefix="stf-nbdbench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    pair = NetnsPair()
+    nbd_server_pid = None
+    results = {"size_bytes": size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+               "flags": {}, "calibration": {}, "runs": [], "tls_ciphers": {}}
+    t_all = time.monotonic()
+    try:
+        log("stage 1/4: %d MiB random export and source files in %s" % (size // MiB, work))
+        export, src = work / "export.img", work / "source.img"
+        random_file(export, size)
+        random_file(src, size)
+        log("stage 2/4: namespaces %s <-> %s, servers" % (pair.ns["server"], pair.ns["client"]))
+        pair.create()
+        uris = start_servers(pair, work, export)
+        nbd_server_pid = uris.pop("_nbd_server_pid")
+        for name, uri in uris.items():
+            info = probe(pair, uri)
+            results["flags"][name] = info.to_dict()
+            log("  %-19s flush=%s fua=%s multi-conn=%s tls=%s" % (name, info.can_flush, info.can_fua,
+                                                                  info.can_multi_conn, info.tls))
+        plan = []
+        for rate in RATES:
+            for server in ("nbdkit", "nbd-server"):
+                plan += [(rate, server, d, c) for d in ("read", "write") for c in (1, 4)]
+        plan += [("2.5GbE", s, d, c) for s in ("nbdkit TLS", "nbdkit TLS default") for d in ("read", "write")
+                 for c in (1, 4)]
+        log("stage 3/4: %d transfers of %d MiB" % (len(plan), size // MiB))
+        current = None
+        for i, (rate, server, direction, conns) in enumerate(plan, 1):
+            ceiling = payload_ceiling(RATES[rate])
+            if rate != current:
+                current = rate
+                htb = htb_rate_for(ceiling)
+                pair.shape(htb)
+                raw = raw_tcp(pair, min(size, 512 * MiB))
+                results["calibration"][rate] = {"htb_rate_bit": htb, "ceiling_Bps": ceiling, "raw_tcp_Bps": raw,
+                                                "raw_tcp_ratio": raw / ceiling}
+                log("  %s: htb %.1f Mbit/s, ceiling %.1f MB/s, raw TCP %.1f MB/s (%.1f %%)"
+                    % (rate, htb / 1e6, ceiling / 1e6, raw / 1e6, 100 * raw / ceiling))
+            seconds = nbdcopy(pair, direction, uris[server], conns, src, results["flags"][server]["can_flush"])
+            mbps = size / seconds
+            results["runs"].append({"rate": rate, "server": server, "direction": direction, "connections": conns,
+                                    "seconds": seconds, "Bps": mbps, "ratio": mbps / ceiling})
+            log("  [%2d/%d %3d%%] %-6s %-19s %-5s C=%d  %7.1f MB/s  %5.1f %% of ceiling"
+                % (i, len(plan), 100 * i // len(plan), rate, server, direction, conns, mbps / 1e6,
+                   100 * mbps / ceiling))
+        for name in ("nbdkit TLS", "nbdkit TLS default"):
+            text = (work / ("%s.log" % name.replace(" ", "-"))).read_text(errors="replace")
+            results["tls_ciphers"][name] = sorted(set(ne.parse_tls_session_cipher(text)))
+        log("stage 4/4: report")
+    except KeyboardInterrupt:
+        if os.getpid() != main_pid:
+            os._exit(1)
+        log("interrupted: cleaning up")
+        return 130
+    finally:
+        if os.getpid() != main_pid:
+            os._exit(1)  # never clean up from a forked helper
+        pair.destroy()
+        if nbd_server_pid:
+            running = ne.process_argv(nbd_server_pid) or [""]
+            if os.path.basename(running[0]) == "nbd-server":
+                ne.stop_pid(nbd_server_pid)
+        shutil.rmtree(work, ignore_errors=True)
+    results["seconds_total"] = time.monotonic() - t_all
+    print_table(results)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1) + "\n")
+    log("saved %s (%.0f s total)" % (out_path, results["seconds_total"]))
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print()
+    print("NBD throughput, %d MiB, fraction of the TCP payload ceiling (MTU 1500)" % (results["size_bytes"] // MiB))
+    for rate, cal in results["calibration"].items():
+        print("  %-6s ceiling %.1f MB/s, htb %.1f Mbit/s, raw TCP %.1f %%"
+              % (rate, cal["ceiling_Bps"] / 1e6, cal["htb_rate_bit"] / 1e6, 100 * cal["raw_tcp_ratio"]))
+    print()
+    print("%-6s %-19s %8s %8s %8s %8s" % ("link", "server", "read C1", "read C4", "write C1", "write C4"))
+    rows = {}
+    for run in results["runs"]:
+        rows.setdefault((run["rate"], run["server"]), {})[(run["direction"], run["connections"])] = run["ratio"]
+    for (rate, server), cells in rows.items():
+        print("%-6s %-19s %s" % (rate, server, " ".join(
+            "%7.1f%%" % (100 * cells[k]) if k in cells else "%8s" % "-"
+            for k in (("read", 1), ("read", 4), ("write", 1), ("write", 4)))))
+    print()
+    print("%-19s %6s %6s %10s %6s" % ("advertised", "flush", "FUA", "multi-conn", "TLS"))
+    for name, flags in results["flags"].items():
+        print("%-19s %6s %6s %10s %6s" % (name, flags["can_flush"], flags["can_fua"], flags["can_multi_conn"],
+                                          flags["tls"]))
+    for name, ciphers in results["tls_ciphers"].items():
+        print("TLS cipher negotiated by %s: %s" % (name, ", ".join(ciphers) or "?"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
