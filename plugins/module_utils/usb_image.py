@@ -124,8 +124,8 @@ def run(argv, stdin=None, env_extra=None):
     except OSError as exc:
         raise StickError("cannot run %s: %s" % (argv[0], exc)) from None
     if proc.returncode != 0:
-        raise StickError("%s failed (exit %d): %s" % (" ".join(argv[:2]), proc.returncode,
-                                                       proc.stderr.decode("utf-8", "replace").strip()))
+        stderr = proc.stderr.decode("utf-8", "replace").strip()
+        raise StickError("%s failed (exit %d): %s" % (" ".join(argv[:2]), proc.returncode, stderr))
     return proc.stdout
 
 
@@ -249,7 +249,7 @@ class StickSpec:
                             "bios": "syslinux (gptmbr.bin in the protective MBR, ldlinux on the ESP)"},
             "cmdline": self.cmdline,
             "files": files,
-            "bytes_to_write": sum(length for _, length in self.regions()),
+            "bytes_to_write": sum(length for _offset, length in self.regions()),
         }
 
 
@@ -269,8 +269,9 @@ def _mtools_target(image, offset=ESP_START):
     return "%s@@%d" % (image, offset)
 
 
-def build_image(spec, image, log=print):
+def build_image(spec, image, log=None):
     """Create the sparse stick image ``image`` of ``spec.target_size`` bytes. Returns its regions' SHA-256."""
+    log = log or (lambda text: None)
     spec.validate()
     gptmbr = find_first(GPTMBR_CANDIDATES, "syslinux gptmbr.bin")
     if os.path.exists(image):
@@ -382,7 +383,7 @@ def _drop_cache(fd, is_block):
 
 def write_image(image, target, regions, is_block, create_size=0, progress=None):
     """Copy ``regions`` of ``image`` to ``target``, fsync, drop caches. Reports percent via ``progress``."""
-    total = sum(length for _, length in regions)
+    total = sum(length for _offset, length in regions)
     done = 0
     if is_block:
         # O_EXCL on a block device fails with EBUSY if the kernel has it claimed (mounted, in use).

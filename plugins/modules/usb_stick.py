@@ -75,13 +75,15 @@ options:
     default: false
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 requirements:
   - sfdisk, mkfs.fat (dosfstools), mtools, syslinux, systemd-boot-efi on the host that writes the stick
 author:
-  - stiefel.system developers
+  - stiefel.system developers (@stiefel-system)
 """
 
 EXAMPLES = r"""

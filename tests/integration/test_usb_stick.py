@@ -142,9 +142,9 @@ def run_playbook(extra, check=False, expect_rc=0):
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"))
-    print("ansible-playbook %s%s: rc=%d in %.1fs" % (" ".join("%s=%s" % kv for kv in extra.items()),
-                                                     " --check" if check else "", proc.returncode,
-                                                     time.monotonic() - start))
+    print("flash-usb.yml device=%s confirm=%s%s: rc=%d in %.1fs"
+          % (extra.get("device"), extra.get("confirm", "(none)"), " --check" if check else "",
+             proc.returncode, time.monotonic() - start))
     out = proc.stdout + proc.stderr
     if expect_rc is not None and (proc.returncode == 0) != (expect_rc == 0):
         print(out)
