@@ -372,8 +372,8 @@ def clean_cmdline(cmdline):
 def version_key(version):
     """Sort key for kernel versions ("6.1.0-10-amd64" > "6.1.0-9-amd64")."""
     key = []
-    for part in re.split(r'(\d+)', version):
-        if part.isdigit():
+    for part in re.split(r'([0-9]+)', version):
+        if part.isascii() and part.isdigit():
             key.append((1, int(part), ''))
         elif part:
             key.append((0, 0, part))
