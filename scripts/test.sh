@@ -52,6 +52,11 @@ trap 'rm -rf "$results_dir"' EXIT
 
 export PATH="$here/.venv/bin:$PATH"
 export PYTHONDONTWRITEBYTECODE=1
+# Plain text in logs (CI, redirected output): no ANSI colours from molecule,
+# ansible, rich.
+if [ ! -t 1 ]; then
+    export NO_COLOR=1 PY_COLORS=0 ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0
+fi
 
 total_passed=0
 total_failed=0
