@@ -148,3 +148,16 @@ def test_role_defaults_are_prefixed_and_documented(role: Path):
     assert not undocumented, f"{role.name}: defaults not in meta/argument_specs.yml: {undocumented}"
     unprefixed_options = sorted(k for k in options if not str(k).startswith(prefix))
     assert not unprefixed_options, f"{role.name}: argument_specs options without prefix: {unprefixed_options}"
+
+
+# ---- sanity ignores --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tests" / "sanity").glob("ignore-*.txt")), ids=lambda p: p.name)
+def test_every_sanity_ignore_states_its_reason(path: Path):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        entry, _sep, reason = line.partition("#")
+        assert entry.strip(), f"{path.name}:{number}: comment-only or empty line (ansible-test rejects it)"
+        assert len(entry.split()) == 2, f"{path.name}:{number}: expected '<path> <test>[:<code>]  # reason'"
+        assert (REPO / entry.split()[0]).exists(), f"{path.name}:{number}: {entry.split()[0]} does not exist"
+        assert len(reason.strip()) >= 10, f"{path.name}:{number}: no reason given after '#'"
