@@ -103,7 +103,7 @@ def load_and_execute(kernel: str, initrd: str | None, cmdline: str, run=subproce
 
 
 def concat_files(out_path: str, parts, extra: bytes = b"", mode: int = 0o600) -> int:
-    """Write ``parts`` (paths) then ``extra`` bytes to ``out_path`` (0600); return its size.
+    """Write ``parts`` (paths) then ``extra`` bytes to ``out_path`` (0600), each on a 4-byte boundary; return its size.
 
     Used to append a small cpio (key, NBD PSK) to an initrd: the kernel
     unpacks concatenated (compressed or not) cpio archives in order.
@@ -112,7 +112,16 @@ def concat_files(out_path: str, parts, extra: bytes = b"", mode: int = 0o600) ->
     size = 0
     with os.fdopen(fd, "wb") as out:
         os.fchmod(out.fileno(), mode)
-        for part in parts:
+        for part in list(parts) + ([None] if extra else []):
+            # A compressed initrd may end unaligned, but the kernel only takes an uncompressed cpio that
+            # starts on a 4-byte boundary; it skips zero bytes between archives.
+            pad = (4 - size % 4) % 4
+            out.write(b"\0" * pad)
+            size += pad
+            if part is None:
+                out.write(extra)
+                size += len(extra)
+                continue
             with open(part, "rb") as src:
                 while True:
                     block = src.read(1 << 20)
@@ -120,9 +129,4 @@ def concat_files(out_path: str, parts, extra: bytes = b"", mode: int = 0o600) ->
                         break
                     out.write(block)
                     size += len(block)
-        if extra:
-            # A compressed initrd may end unaligned; cpio archives start on 4 bytes.
-            pad = (4 - size % 4) % 4
-            out.write(b"\0" * pad + extra)
-            size += pad + len(extra)
     return size

@@ -84,3 +84,12 @@ def test_concat_aligns_appended_cpio(tmp_path):
     assert data[:11] == part.read_bytes() and data[11:12] == b"\0"
     assert cpio.read_newc(data[12:])[-1].name == "etc/stiefel/key"
     assert os.stat(out).st_mode & 0o777 == 0o600
+
+
+def test_concat_aligns_every_part(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"a" * 5)
+    second.write_bytes(b"070701")
+    out = tmp_path / "out"
+    kexec.concat_files(str(out), [str(first), str(second)], b"070701x")
+    assert out.read_bytes() == b"a" * 5 + b"\0" * 3 + b"070701" + b"\0" * 2 + b"070701x"
