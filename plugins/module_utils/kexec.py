@@ -78,8 +78,8 @@ def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=
             return argv
         output = proc.stdout.decode("utf-8", "replace").strip() if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
         errors.append("%s: rc=%d %s" % (" ".join(argv[:3]), proc.returncode, output[-500:]))
-        log("kexec: %s failed (rc=%d), %s" % (" ".join(argv[:3]), proc.returncode,
-                                            "trying kexec_load" if argv is argvs[0] else "giving up"))
+        next_step = "trying kexec_load" if argv is argvs[0] else "giving up"
+        log("kexec: %s failed (rc=%d), %s" % (" ".join(argv[:3]), proc.returncode, next_step))
     raise KexecError("kexec could not load %s: %s" % (kernel, "; ".join(errors)))
 
 
