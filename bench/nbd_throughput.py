@@ -171,7 +171,7 @@ def start_servers(pair: NetnsPair, work: Path, export: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="export size in MiB (default 1024)")
     parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
     parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/nbd.json)")

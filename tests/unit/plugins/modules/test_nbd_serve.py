@@ -47,7 +47,10 @@ def env(tmp_path, monkeypatch):
     img = tmp_path / "disk.img"
     img.write_bytes(b"\0" * 65536)
     fake = FakeSystemctl()
-    monkeypatch.setattr(AnsibleModule, "run_command", lambda self, args, **kw: fake(self, args, **kw))
+    def run_command(self, args, **kwargs):
+        return fake(self, args, **kwargs)
+
+    monkeypatch.setattr(AnsibleModule, "run_command", run_command)
     real_bin = AnsibleModule.get_bin_path
 
     def get_bin_path(self, name, required=False, opt_dirs=None):
