@@ -47,6 +47,7 @@ def env(tmp_path, monkeypatch):
     img = tmp_path / "disk.img"
     img.write_bytes(b"\0" * 65536)
     fake = FakeSystemctl()
+
     def run_command(self, args, **kwargs):
         return fake(self, args, **kwargs)
 
