@@ -63,27 +63,40 @@ def ramdisk_files():
 
 
 MERGED_USR = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"))
+# Programs the agents and the ramdisk's /init run that come from packages the image may not have yet.
+HOST_TOOLS = ("usr/bin/mount", "usr/bin/umount")
 
 
-def merged_usr_fixup(ramdisk, workdir):
-    """Paths of extra archives the ramdisk needs to boot: the merged-/usr top-level symlinks if it lacks them.
+def ramdisk_fixups(ramdisk, workdir):
+    """Extra archives for gaps in a ramdisk image that is still being built out (printed as NOTEs).
 
-    (A ramdisk built without ``/bin -> usr/bin`` cannot start ``#!/bin/sh`` /init: "Failed to execute
-    /init (error -2)". The newc writer of the library has no symlinks, so GNU cpio makes this one.)
+    Merged-/usr symlinks (without ``/bin -> usr/bin`` the ``#!/bin/sh`` /init fails with error -2) and
+    mount/umount (package ``mount``; without them /init cannot mount /proc and finds no role) are copied
+    from this Debian 12 host. The library's newc writer has no symlinks, so GNU cpio makes the archive.
+    Nothing is added to a complete image.
     """
-    listing = subprocess.run("zstd -dc %s 2>/dev/null | cpio -t --quiet 2>/dev/null" % ramdisk, shell=True,
-                             capture_output=True, text=True).stdout.split()
-    if "bin" in listing:
-        return []
-    print("[qemu] NOTE: the ramdisk lacks the merged-/usr symlinks (bin, sbin, lib, lib64): adding them", flush=True)
-    root = os.path.join(workdir, "usrmerge")
-    os.makedirs(root)
+    listing = set(subprocess.run("zstd -dc %s 2>/dev/null | cpio -t --quiet 2>/dev/null" % ramdisk, shell=True,
+                                 capture_output=True, text=True).stdout.split())
+    root = os.path.join(workdir, "fixups")
+    names = []
     for name, target in MERGED_USR:
-        os.symlink(target, os.path.join(root, name))
-    out = os.path.join(workdir, "usrmerge.cpio")
+        if name not in listing:
+            os.makedirs(root, exist_ok=True)
+            os.symlink(target, os.path.join(root, name))
+            names.append(name)
+    for tool in HOST_TOOLS:
+        if tool not in listing:
+            os.makedirs(os.path.join(root, os.path.dirname(tool)), exist_ok=True)
+            shutil.copy2("/" + tool, os.path.join(root, tool))
+            names += [d for d in ("usr", "usr/bin") if d not in names] + [tool]
+    if not names:
+        return []
+    print("[qemu] NOTE: the ramdisk image lacks %s: adding them from the host for this test"
+          % ", ".join(n for n in names if n not in ("usr", "usr/bin")), flush=True)
+    out = os.path.join(workdir, "fixups.cpio")
     with open(out, "wb") as handle:
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, check=True, stdout=handle,
-                       input="\n".join(n for n, _t in MERGED_USR).encode())
+                       input="\n".join(names).encode())
     return [out]
 
 
@@ -156,7 +169,7 @@ def test_client_kexecs_into_served_kernel(lab):
     kernel, ramdisk = ramdisk_files()
     key = keyfile.generate_key()
     initrd = os.path.join(workdir, "ramdisk-with-key.img")
-    kexec.concat_files(initrd, [ramdisk] + merged_usr_fixup(ramdisk, workdir), cpio.key_archive(keyfile.encode_key(key)))
+    kexec.concat_files(initrd, [ramdisk] + ramdisk_fixups(ramdisk, workdir), cpio.key_archive(keyfile.encode_key(key)))
     disk = laptop_disk(workdir, kernel)
     t0 = time.monotonic()
     server = VM("server", workdir, memory=1024, netns=link.netns)
@@ -173,7 +186,7 @@ def test_client_kexecs_into_served_kernel(lab):
 
     def mark(vm, pattern, timeout):
         stamp, match = vm.wait_for(pattern, timeout, fail_patterns=fail)
-        at = time.monotonic() - t0
+        at = stamp + (vm.started_at - t0)  # when the line appeared on that VM's serial console
         timeline.append((at, vm.name, pattern))
         print("[%7.1f s] %s: %s" % (at, vm.name, match.group(0)), flush=True)
         return match
@@ -186,7 +199,7 @@ def test_client_kexecs_into_served_kernel(lab):
     cmdline = mark(client, r"marker-cmdline: .*", 30).group(0)
     psk = mark(client, r"marker-psk: .*", 30).group(0)
     print("\ntimeline (s since the VMs were started):")
-    for at, name, pattern in timeline:
+    for at, name, pattern in sorted(timeline):
         print("  %7.1f  %-6s %s" % (at, name, pattern))
     assert "laptop.own=1" in cmdline
     assert "stiefel.mac=52:54:00:57:ef:02" in cmdline
