@@ -191,6 +191,9 @@ def qemu_boot(image, firmware, markers, logdir, timeout=BOOT_TIMEOUT):
                     text = handle.read().decode("utf-8", "replace")
             if all(m in text for m in markers):
                 return time.monotonic() - start, text
+            if "Kernel panic" in text:
+                raise AssertionError("QEMU (%s): kernel panic before %s; serial tail:\n%s"
+                                     % (firmware, markers, text[-4000:]))
             if proc.poll() is not None:
                 raise AssertionError("QEMU (%s) exited rc=%s before %s; stderr: %s\nserial:\n%s"
                                      % (firmware, proc.returncode, markers,
