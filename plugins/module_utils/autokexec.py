@@ -12,16 +12,21 @@ when a configured NIC (by MAC) appears. Forged, replayed and wrongly keyed
 packets are logged and dropped. It refuses to run on a system that was
 itself booted by stiefel (``stiefel.mac=`` on /proc/cmdline).
 
-Config file (JSON, default ``/etc/stiefel/autokexec.json``)::
+The config file is the contract "autokexec config" of docs/dev/contracts.md
+(``/etc/stiefel/autokexec.json``, written by the ``laptop`` role)::
 
-    {"version": 1,
-     "kernel": "/boot/stiefel/vmlinuz",          # the stiefel ramdisk kernel
-     "initrd": "/boot/stiefel/initrd.img",       # the stiefel ramdisk initrd
-     "cmdline": "stiefel.disk=UUID=... stiefel.boot=UUID=... console=tty0",
-     "macs": ["aa:bb:cc:dd:ee:ff"],              # stiefel NICs: listen only there, trigger when one appears
-     "key": "/etc/stiefel/key"}                  # optional
+    {"format": "stiefel-autokexec-config", "version": 1,
+     "key_path": "/etc/stiefel/key",
+     "ramdisk_kernel": "/usr/lib/stiefel/ramdisk/vmlinuz",
+     "ramdisk_initrd": "/usr/lib/stiefel/ramdisk/initrd.img",
+     "server_cmdline": "stiefel.role=server stiefel.disk=... stiefel.boot=UUID=... console=ttyS0",
+     "server": {...},                        # informational
+     "trigger_macs": ["52:54:00:ab:cd:01"]}
 
-``macs`` may be empty: then every interface is listened on and no NIC triggers.
+``server_cmdline`` is passed to kexec as it is (it must hold
+``stiefel.role=server``). Discovery is answered on every interface; a NIC with
+one of ``trigger_macs`` appearing also triggers. Scratch files go to
+``$RUNTIME_DIRECTORY`` (the unit's ``/run/stiefel-autokexec``).
 """
 
 from __future__ import annotations
@@ -33,27 +38,34 @@ import select
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils import messages
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import (
-    DEFAULT_KEY_PATH,
-    RUN_DIR,
-    parse_cmdline,
-    strip_stiefel_options,
-)
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import parse_cmdline
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 
 DEFAULT_CONFIG_PATH = "/etc/stiefel/autokexec.json"
+DEFAULT_RUN_DIR = "/run/stiefel-autokexec"
+CONFIG_FORMAT = "stiefel-autokexec-config"
 CONFIG_VERSION = 1
 MAX_CONFIG = 64 * 1024
 _MAC = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
-_KEYS = {"version", "kernel", "initrd", "cmdline", "macs", "key"}
 
 
 class AutokexecError(StiefelError):
     """The autokexec configuration is unusable or the kexec failed."""
 
 
+def default_run_dir():
+    return os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or DEFAULT_RUN_DIR
+
+
+def _abs_path(doc, name):
+    value = doc.get(name)
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 1024:
+        raise AutokexecError("%s must be an absolute path" % name)
+    return value
+
+
 def parse_config(raw):
-    """Validate the config file contents; return a normalised dict."""
+    """Validate the config file contents; return a normalised dict (unknown keys are ignored)."""
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > MAX_CONFIG:
             raise AutokexecError("autokexec config larger than %d bytes" % MAX_CONFIG)
@@ -67,29 +79,27 @@ def parse_config(raw):
         raise AutokexecError("autokexec config is not JSON") from None
     if not isinstance(doc, dict):
         raise AutokexecError("autokexec config must be a JSON object")
-    unknown = set(doc) - _KEYS
-    if unknown:
-        raise AutokexecError("unknown keys in autokexec config: %s" % ", ".join(sorted(map(str, unknown)))[:200])
+    if doc.get("format") != CONFIG_FORMAT:
+        raise AutokexecError("not a stiefel autokexec config (format %r)" % (str(doc.get("format"))[:64],))
     if doc.get("version") != CONFIG_VERSION or isinstance(doc.get("version"), bool):
         raise AutokexecError("autokexec config version must be %d" % CONFIG_VERSION)
-    out = {"version": CONFIG_VERSION}
-    for name in ("kernel", "initrd"):
-        value = doc.get(name)
-        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-            raise AutokexecError("%s must be an absolute path" % name)
-        out[name] = value
-    cmdline = doc.get("cmdline", "")
+    out = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION}
+    for name in ("key_path", "ramdisk_kernel", "ramdisk_initrd"):
+        out[name] = _abs_path(doc, name)
+    cmdline = doc.get("server_cmdline")
     if not isinstance(cmdline, str) or "\n" in cmdline or "\0" in cmdline or len(cmdline) > 2048:
-        raise AutokexecError("cmdline must be one line of at most 2048 characters")
-    out["cmdline"] = cmdline
-    macs = doc.get("macs", [])
+        raise AutokexecError("server_cmdline must be one line of at most 2048 characters")
+    roles = [w for w in cmdline.split() if w.startswith("stiefel.role=")]
+    if roles != ["stiefel.role=server"]:
+        raise AutokexecError("server_cmdline must hold stiefel.role=server exactly once (has %s)"
+                             % (", ".join(roles) or "none"))
+    out["server_cmdline"] = cmdline
+    macs = doc.get("trigger_macs", [])
     if not isinstance(macs, list) or not all(isinstance(m, str) and _MAC.match(m.lower()) for m in macs):
-        raise AutokexecError("macs must be a list of MAC addresses (aa:bb:cc:dd:ee:ff)")
-    out["macs"] = sorted({m.lower() for m in macs})
-    key = doc.get("key", DEFAULT_KEY_PATH)
-    if not isinstance(key, str) or not key.startswith("/"):
-        raise AutokexecError("key must be an absolute path")
-    out["key"] = key
+        raise AutokexecError("trigger_macs must be a list of MAC addresses (aa:bb:cc:dd:ee:ff)")
+    out["trigger_macs"] = sorted({m.lower() for m in macs})
+    server = doc.get("server", {})
+    out["server"] = server if isinstance(server, dict) else {}
     return out
 
 
@@ -105,11 +115,6 @@ def load_config(path):
 def already_stiefeled(proc_cmdline):
     """True when this system was booted by stiefel (it must never kexec away from an NBD root)."""
     return "mac" in parse_cmdline(proc_cmdline)
-
-
-def server_cmdline(config_cmdline):
-    """The ramdisk command line: the configured options with ``stiefel.role=server`` (exactly once)."""
-    return (strip_stiefel_options(config_cmdline, ("role",)) + " stiefel.role=server").strip()
 
 
 class Decider(object):
@@ -139,31 +144,27 @@ class Decider(object):
 
 
 class AutokexecAgent(object):
-    def __init__(self, config, console, run_dir=RUN_DIR, dry_run=False, discovery_port=discovery.PORT,
+    def __init__(self, config, console, run_dir=None, dry_run=False, discovery_port=discovery.PORT,
                  proc_cmdline_path="/proc/cmdline"):
         self.config = config
         self.console = console
-        self.run_dir = run_dir
+        self.run_dir = run_dir or default_run_dir()
         self.dry_run = dry_run
         self.discovery_port = discovery_port
         self.proc_cmdline_path = proc_cmdline_path
-        self.key = keyfile.read_key(config["key"])
+        self.key = keyfile.read_key(config["key_path"])
         self.links = None
         self.sock = None
-        self.decider = Decider(self.key, listen_indexes=self._is_stiefel_link if config["macs"] else None)
+        self.decider = Decider(self.key)
         self.triggered = 0
-
-    def _is_stiefel_link(self, index):
-        link = self.links.links.get(index) if self.links is not None else None
-        return link is not None and (link.mac or "").lower() in self.config["macs"]
 
     def kexec_command(self):
         """Build ramdisk initrd + key cpio in run_dir; return (kernel, initrd, cmdline)."""
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         initrd = os.path.join(self.run_dir, "ramdisk-with-key.img")
         key_cpio = cpio.key_archive(keyfile.encode_key(self.key))
-        kexec.concat_files(initrd, [self.config["initrd"]], key_cpio)
-        return self.config["kernel"], initrd, server_cmdline(self.config["cmdline"])
+        kexec.concat_files(initrd, [self.config["ramdisk_initrd"]], key_cpio)
+        return self.config["ramdisk_kernel"], initrd, self.config["server_cmdline"]
 
     def trigger(self, reason):
         self.triggered += 1
@@ -205,12 +206,13 @@ class AutokexecAgent(object):
             self.console("this system was booted by stiefel (stiefel.mac= on the kernel command line): "
                          "autokexec stays idle")
             return 0
-        macs = set(self.config["macs"])
-        self.links = LinkManager(manage=lambda link: (link.mac or "").lower() in macs, log=self.console)
+        macs = set(self.config["trigger_macs"])
+        # The laptop's own network setup manages its links; autokexec only watches them.
+        self.links = LinkManager(manage=False, log=self.console)
         self.links.open()
         self.sock = discovery.open_listen_socket(self.discovery_port)
         self.console("listening for stiefel clients on UDP %d (%s), key id %s%s" % (
-            self.discovery_port, ", ".join(self.config["macs"]) or "every interface",
+            self.discovery_port, "triggers: " + (", ".join(self.config["trigger_macs"]) or "requests only"),
             keyschedule.key_id_hex(self.key), ", dry run" if self.dry_run else ""))
         try:
             while True:

@@ -304,8 +304,10 @@ def test_autokexec_dry_run(world):
     for name in ("vmlinuz", "initrd.img"):
         with open(os.path.join(tmp, name), "wb") as handle:
             handle.write(os.urandom(4096))
-    config = {"version": 1, "kernel": os.path.join(tmp, "vmlinuz"), "initrd": os.path.join(tmp, "initrd.img"),
-              "cmdline": "stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0", "macs": [], "key": key_path}
+    config = {"format": "stiefel-autokexec-config", "version": 1, "key_path": key_path,
+              "ramdisk_kernel": os.path.join(tmp, "vmlinuz"), "ramdisk_initrd": os.path.join(tmp, "initrd.img"),
+              "server_cmdline": "stiefel.role=server stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0",
+              "server": {}, "trigger_macs": ["52:54:00:5f:ef:01"]}
     with open(os.path.join(tmp, "autokexec.json"), "w") as handle:
         json.dump(config, handle)
     with open(os.path.join(tmp, "cmdline"), "w") as handle:
@@ -330,10 +332,20 @@ def test_autokexec_dry_run(world):
     assert "valid -> KEXEC_ACK" in lines
     assert "replayed -> None" in lines
     agent.wait_for("dry-run: would run: kexec -e", 10)
+    assert agent.text().count("dry-run: would run: kexec -s -l") == 1
+    # a configured NIC appearing triggers too (netlink event); another NIC does not
+    suffix = "%x" % (os.getpid() & 0xFFFF)
+    _run("ip", "-n", ns.server, "link", "add", "stfot" + suffix, "address", "52:54:00:5f:ef:99",
+         "type", "veth", "peer", "name", "stfop" + suffix)
+    _run("ip", "-n", ns.server, "link", "add", "stftr" + suffix, "address", "52:54:00:5f:ef:01",
+         "type", "veth", "peer", "name", "stftp" + suffix)
+    agent.wait_for("stiefel NIC stftr", 10)
+    time.sleep(0.5)
     text = agent.text()
     print(text)
-    assert text.count("dry-run: would run: kexec -s -l") == 1
-    assert "'--command-line=stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0 stiefel.role=server'" in text
+    assert text.count("dry-run: would run: kexec -s -l") == 2
+    assert "stiefel NIC stfot" not in text
+    assert "'--command-line=stiefel.role=server stiefel.disk=UUID=aaaa stiefel.boot=UUID=bbbb console=ttyS0'" in text
     assert "AuthenticationFailed" in text and "WrongKey" in text and "ReplayedMessage" in text
     # the initrd handed to kexec is the ramdisk plus the key cpio
     initrd = os.path.join(tmp, "run", "ramdisk-with-key.img")
@@ -348,8 +360,9 @@ def test_autokexec_dry_run(world):
 def test_autokexec_refuses_when_stiefeled(world):
     ns, tmp, _agents = world
     key_path = _write_key(os.path.join(tmp, "key"), keyfile.generate_key())
-    config = {"version": 1, "kernel": "/nonexistent/vmlinuz", "initrd": "/nonexistent/initrd", "cmdline": "",
-              "macs": [], "key": key_path}
+    config = {"format": "stiefel-autokexec-config", "version": 1, "key_path": key_path,
+              "ramdisk_kernel": "/nonexistent/vmlinuz", "ramdisk_initrd": "/nonexistent/initrd",
+              "server_cmdline": "stiefel.role=server", "trigger_macs": []}
     with open(os.path.join(tmp, "autokexec.json"), "w") as handle:
         json.dump(config, handle)
     with open(os.path.join(tmp, "cmdline"), "w") as handle:

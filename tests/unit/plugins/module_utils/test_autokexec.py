@@ -12,18 +12,27 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import Proto
 
 KEY = bytes(range(32))
 
-GOOD = {"version": 1, "kernel": "/boot/stiefel/vmlinuz", "initrd": "/boot/stiefel/initrd.img",
-        "cmdline": "stiefel.disk=UUID=a stiefel.role=client", "macs": ["52:54:00:AA:BB:CC"]}
+# The example of docs/dev/contracts.md, "autokexec config"
+GOOD = {
+    "format": "stiefel-autokexec-config", "version": 1, "key_path": "/etc/stiefel/key",
+    "ramdisk_kernel": "/usr/lib/stiefel/ramdisk/vmlinuz", "ramdisk_initrd": "/usr/lib/stiefel/ramdisk/initrd.img",
+    "server_cmdline": "stiefel.role=server stiefel.disk=/dev/disk/by-id/nvme-X stiefel.boot=UUID=abc console=ttyS0",
+    "server": {"disk": "/dev/disk/by-id/nvme-X", "boot": "UUID=abc", "luksboot": None, "mtu": None, "debug": False,
+               "extra": "console=ttyS0"},
+    "trigger_macs": ["52:54:00:AB:CD:01"],
+}
 
 
 def test_parse_config():
     config = autokexec.parse_config(json.dumps(GOOD).encode())
-    assert config["macs"] == ["52:54:00:aa:bb:cc"] and config["key"] == "/etc/stiefel/key"
+    assert config["trigger_macs"] == ["52:54:00:ab:cd:01"] and config["key_path"] == "/etc/stiefel/key"
+    assert config["server_cmdline"] == GOOD["server_cmdline"]
 
 
 @pytest.mark.parametrize("change", [
-    {"version": 2}, {"kernel": "relative"}, {"macs": ["nope"]}, {"cmdline": "a\nb"}, {"extra": 1},
-    {"version": True}, {"key": "k"},
+    {"version": 2}, {"format": "other"}, {"ramdisk_kernel": "relative"}, {"trigger_macs": ["nope"]},
+    {"server_cmdline": "a\nb"}, {"version": True}, {"key_path": "k"},
+    {"server_cmdline": "stiefel.disk=x"}, {"server_cmdline": "stiefel.role=server stiefel.role=client"},
 ])
 def test_parse_config_rejects(change):
     with pytest.raises(autokexec.AutokexecError):
@@ -36,11 +45,6 @@ def test_parse_config_hostile(raw):
         autokexec.parse_config(raw)
     except autokexec.AutokexecError:
         pass
-
-
-def test_server_cmdline_sets_role_once():
-    assert autokexec.server_cmdline("stiefel.disk=UUID=a stiefel.role=client quiet") == \
-        "stiefel.disk=UUID=a quiet stiefel.role=server"
 
 
 @pytest.mark.parametrize("cmdline, stiefeled", [
@@ -68,13 +72,6 @@ def test_decider_triggers_once():
     assert trigger and messages.parse(KEY, ack).type == messages.KEXEC_ACK
     with pytest.raises(ReplayedMessage):
         decider.decide(request, 4)
-
-
-def test_decider_ignores_other_links():
-    decider = autokexec.Decider(KEY, listen_indexes=lambda index: index == 9)
-    client = discovery.ClientDiscovery(KEY)
-    with pytest.raises(ProtocolError, match="not a stiefel link"):
-        decider.decide(client.discover(4), 4)
 
 
 @given(st.lists(st.binary(max_size=600), max_size=8), st.data())
@@ -122,8 +119,9 @@ def test_agent_dry_run_builds_initrd_with_key(tmp_path):
     keyfile.write_key_atomic(str(key_path), KEY)
     (tmp_path / "vmlinuz").write_bytes(b"k")
     (tmp_path / "initrd").write_bytes(b"i" * 4096)
-    config = autokexec.parse_config(json.dumps(dict(GOOD, kernel=str(tmp_path / "vmlinuz"),
-                                                    initrd=str(tmp_path / "initrd"), key=str(key_path), macs=[])))
+    config = autokexec.parse_config(json.dumps(dict(GOOD, ramdisk_kernel=str(tmp_path / "vmlinuz"),
+                                                    ramdisk_initrd=str(tmp_path / "initrd"), key_path=str(key_path),
+                                                    trigger_macs=[])))
     console = Console("stiefel-autokexec", stream=io.StringIO())
     agent = autokexec.AutokexecAgent(config, console, run_dir=str(tmp_path / "run"), dry_run=True)
     agent.sock = FakeSock()
