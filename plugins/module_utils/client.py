@@ -255,6 +255,17 @@ class ClientAgent(object):
             self.links = None
 
 
+def passphrases_from_file(path):
+    """An ask function answering with the file's lines in turn (tests; never on a real console)."""
+    with open(path, "rb") as handle:
+        lines = [line.rstrip(b"\n") for line in handle.read(64 * 1024).splitlines()]
+
+    def ask(_prompt):
+        return lines.pop(0) if lines else b""
+
+    return ask
+
+
 def ask_passphrase_on_console(prompt):
     """Ask on the controlling tty, else /dev/console; return bytes (b"" if nobody can answer)."""
     for path in ("/dev/tty", "/dev/console"):

@@ -511,13 +511,24 @@ class ServerAgent(object):
             subprocess.run(["umount", mountpoint], check=False)
         return source
 
+    def _mapping_name(self):
+        """The laptop's own name for the unlocked /boot (``stiefel.boot=/dev/mapper/<name>``), else stiefel-boot."""
+        spec = self.boot_spec or ""
+        if spec.startswith("/dev/mapper/") and re.match(r"\A[A-Za-z0-9_.+-]{1,64}\Z", spec[len("/dev/mapper/"):]):
+            return spec[len("/dev/mapper/"):]
+        return "stiefel-boot"
+
     def _unlock(self, passphrase):
         device = resolve_device(self.luks_spec, log=self.console)
-        mapped = luks_open(device, "stiefel-boot", passphrase)
+        name = self._mapping_name()
+        mapped = luks_open(device, name, passphrase)
         try:
-            source = self._load_boot(mapped)
+            target = mapped
+            if self.boot_spec and not self.boot_spec.startswith("/dev/mapper/"):
+                target = resolve_device(self.boot_spec, timeout=10, log=self.console)  # e.g. UUID= of the inner fs
+            source = self._load_boot(target)
         finally:
-            subprocess.run(["cryptsetup", "close", "stiefel-boot"], check=False)
+            subprocess.run(["cryptsetup", "close", name], check=False)
         self.state.source = source
 
     def prepare_boot(self):

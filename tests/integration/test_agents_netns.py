@@ -168,12 +168,23 @@ def test_server_and_client(world):
     disk = os.path.join(tmp, "disk.img")
     with open(disk, "wb") as handle:
         handle.truncate(64 * 1024 * 1024)
+    # a laptop on battery (fake sysfs) and jumbo frames from the kernel command line
+    bat = os.path.join(tmp, "power", "BAT0")
+    os.makedirs(bat)
+    for name, value in (("type", "Battery"), ("capacity", "64"), ("status", "Discharging")):
+        with open(os.path.join(bat, name), "w") as handle:
+            handle.write(value + "\n")
+    with open(os.path.join(tmp, "cmdline"), "w") as handle:
+        handle.write("console=ttyS0 stiefel.role=server stiefel.mtu=9000\n")
     server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--key", key_path, "--cmdline-file",
-                        "/dev/null", "--boot-dir", boot, "--disk", disk, "--run-dir", os.path.join(tmp, "srv"),
-                        "--power-sysfs", os.path.join(tmp, "no-power")],
+                        os.path.join(tmp, "cmdline"), "--boot-dir", boot, "--disk", disk, "--run-dir",
+                        os.path.join(tmp, "srv"), "--power-sysfs", os.path.join(tmp, "power")],
                    os.path.join(tmp, "server.log"))
     agents.append(server)
     server.wait_for("stiefel-server: ready", 60)
+    server.wait_for("runs on battery (64%)", 10)
+    link = _run("ip", "-n", ns.server, "link", "show", ns.veth_s).stdout
+    assert " mtu 9000 " in link, link
 
     # 1. the right key: discovered, fetched, verified
     proc, run_dir = _client(ns, tmp, key_path, "client1", 60)
@@ -373,3 +384,62 @@ def test_autokexec_refuses_when_stiefeled(world):
                           capture_output=True, text=True, env=ENV, timeout=30)
     assert proc.returncode == 0
     assert "stays idle" in proc.stdout
+
+
+def test_luks_boot_unlocked_by_the_client(world):
+    """/boot in LUKS: the OFFER asks for the passphrase, a wrong one is refused, the right one unlocks."""
+    if not shutil.which("cryptsetup"):
+        pytest.skip("needs cryptsetup (Debian package cryptsetup-bin)")
+    if not os.path.exists("/sys/class/misc/device-mapper"):
+        pytest.skip("needs device-mapper in the host kernel (dm_mod) for LUKS")
+    ns, tmp, agents = world
+    key_path = _write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    boot = _fake_boot(tmp)
+    suffix = "%x" % (os.getpid() & 0xFFFF)
+    image = os.path.join(tmp, "luks-boot.img")
+    with open(image, "wb") as handle:
+        handle.truncate(48 * 1024 * 1024)
+    passphrase = b"correct horse battery staple"
+    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", "-", image], input=passphrase, check=True)
+    loop = _run("losetup", "--find", "--show", image).stdout.strip()
+    setup_name = "stfsetup" + suffix
+    laptop_name = "stfboot" + suffix
+    try:
+        subprocess.run(["cryptsetup", "open", "--key-file", "-", loop, setup_name], input=passphrase, check=True)
+        try:
+            _run("mkfs.ext4", "-q", "-d", boot, "/dev/mapper/" + setup_name)
+        finally:
+            _run("cryptsetup", "close", setup_name, check=False)
+        disk = os.path.join(tmp, "disk.img")
+        with open(disk, "wb") as handle:
+            handle.truncate(16 * 1024 * 1024)
+        with open(os.path.join(tmp, "cmdline"), "w") as handle:
+            handle.write("stiefel.role=server stiefel.luksboot=%s stiefel.boot=/dev/mapper/%s\n" % (loop, laptop_name))
+        server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--key", key_path, "--cmdline-file",
+                            os.path.join(tmp, "cmdline"), "--disk", disk, "--run-dir", os.path.join(tmp, "srv"),
+                            "--power-sysfs", os.path.join(tmp, "no-power")], os.path.join(tmp, "server.log"))
+        agents.append(server)
+        server.wait_for("stiefel-server: ready", 60)
+        assert "waiting for the client to send the passphrase" in server.text()
+        answers = os.path.join(tmp, "answers")
+        with open(answers, "wb") as handle:
+            handle.write(b"wrong passphrase\n" + passphrase + b"\n")
+        run_dir = os.path.join(tmp, "client-luks")
+        proc = subprocess.run(ns.exec_argv(ns.client, PYTHON, os.path.join(AGENTS, "stiefel-client"), "--key",
+                                           key_path, "--cmdline-file", "/dev/null", "--run-dir", run_dir,
+                                           "--stop-before-kexec", "--timeout", "90", "--passphrase-file", answers),
+                              capture_output=True, text=True, env=ENV, timeout=150)
+        print(proc.stdout, proc.stderr, server.text())
+        assert proc.returncode == 0
+        assert "/boot locked" in proc.stdout and "unlock refused" in proc.stdout and "/boot unlocked" in proc.stdout
+        assert "stiefel-client: payload verified" in proc.stdout
+        assert _sha(os.path.join(run_dir, "payload", "kernel")) == _sha(os.path.join(boot, "vmlinuz-6.1.0-test"))
+        text = server.text()
+        assert "cryptsetup refused the passphrase" in text and "/boot unlocked" in text
+        # the server read what it needed and closed the container again
+        assert not os.path.exists("/dev/mapper/" + laptop_name)
+    finally:
+        for name in (setup_name, laptop_name):
+            _run("cryptsetup", "close", name, check=False)
+        _run("losetup", "-d", loop, check=False)
