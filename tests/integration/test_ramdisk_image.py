@@ -1,0 +1,254 @@
+"""Integration test of the stiefel ramdisk build (role ramdisk, playbooks/build-image.yml).
+
+Runs the real playbook (mmdebstrap, cpio, zstd; the cached output in
+$STIEFEL_CACHE_DIR/ramdisk is reused when its inputs did not change), checks
+the manifest and the initrd's contents, boots it in QEMU (TCG) and checks that
+a second run changes nothing and that a change in the project's Python files
+only repacks the overlay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PLAYBOOK = REPO / "playbooks" / "build-image.yml"
+ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
+BOOT_TIMEOUT = 240  # seconds; TCG boots the ramdisk to the agent in well under a minute
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("STIEFEL_CACHE_DIR")
+    return Path(env) if env else REPO / ".cache"
+
+
+OUT = _cache_dir() / "ramdisk"
+
+
+def run_playbook(*args, timeout=1800):
+    exe = str(ANSIBLE_PLAYBOOK) if ANSIBLE_PLAYBOOK.exists() else "ansible-playbook"
+    start = time.monotonic()
+    proc = subprocess.run([exe, str(PLAYBOOK), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    took = time.monotonic() - start
+    print("ansible-playbook %s: rc=%d in %.1f s" % (" ".join(args), proc.returncode, took))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    m = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    return int(m.group(2)), proc.stdout, took
+
+
+def changed_tasks(stdout):
+    return re.findall(r"TASK \[[^\]]*?: ([^\]]+)\][^\n]*\nchanged:", stdout)
+
+
+@pytest.fixture(scope="module")
+def built():
+    if os.geteuid() != 0:
+        pytest.skip("building the ramdisk needs root (mmdebstrap --mode=root)")
+    for tool in ("mmdebstrap", "cpio", "zstd", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            pytest.skip("%s is not installed" % tool)
+    changed, stdout, took = run_playbook()
+    print("build: changed=%d (%s)" % (changed, ", ".join(changed_tasks(stdout)) or "nothing rebuilt"))
+    manifest = json.loads((OUT / "manifest.json").read_text())
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def members(built):
+    start = time.monotonic()
+    zstd = subprocess.Popen(["zstd", "-dc", str(OUT / "initrd.img")], stdout=subprocess.PIPE)
+    try:
+        listing = {name: (mode, size) for name, mode, size in rb.iter_newc_stream(zstd.stdout)}
+    finally:
+        zstd.stdout.close()
+        assert zstd.wait() == 0
+    print("initrd: %d members, listed in %.1f s" % (len(listing), time.monotonic() - start))
+    return listing
+
+
+def test_manifest_matches_outputs(built):
+    m = built
+    for name in ("vmlinuz", "initrd.img"):
+        path = OUT / name
+        assert path.stat().st_size == m["files"][name]["size"]
+        assert rb.sha256_file(str(path)) == m["files"][name]["sha256"]
+    assert m["suite"] and m["sources"] and m["kernel_version"]
+    assert m["versions"]["python3-cryptography"] and m["versions"]["python3-pyroute2"]
+    assert any(p.startswith("linux-image-") for p in m["versions"])
+    assert m["modules_kept"] < m["modules_total"]
+    assert sorted(m["agents"]) == sorted(p.name for p in (REPO / "agents").iterdir() if p.is_file())
+    assert len(m["input_hash"]) == 64
+    with open(OUT / "initrd.img", "rb") as f:
+        assert f.read(4) == b"\x28\xb5\x2f\xfd"  # zstd frame magic
+    print("kernel %s: vmlinuz %.1f MB, initrd %.1f MB (%.1f MB uncompressed), %d/%d modules"
+          % (m["kernel_version"], m["files"]["vmlinuz"]["size"] / 1e6, m["files"]["initrd.img"]["size"] / 1e6,
+             m["initrd_uncompressed_bytes"] / 1e6, m["modules_kept"], m["modules_total"]))
+
+
+def _has(members, suffix):
+    return [n for n in members if n == suffix or n.endswith("/" + suffix)]
+
+
+def test_initrd_contents(built, members):
+    names = set(members)
+    kver = built["kernel_version"]
+    assert "init" in names and members["init"][0] & 0o111
+    assert "usr/bin/python3" in names
+    assert _has(members, "dist-packages/cryptography/__init__.py")
+    assert _has(members, "dist-packages/pyroute2/__init__.py")
+    for tool in ("usr/sbin/kexec", "usr/sbin/nbd-client", "usr/bin/nbdkit", "usr/bin/mount", "usr/bin/setsid", "usr/bin/udevadm",
+                 "usr/lib/systemd/systemd-udevd", "usr/sbin/modprobe"):
+        assert tool in names, tool
+    assert _has(members, "nbdkit/plugins/nbdkit-nbd-plugin.so")
+    # the library and the agents
+    for py in (REPO / "plugins" / "module_utils").glob("*.py"):
+        assert rb.LIBRARY_DEST + "/" + py.name in names, py.name
+    for agent in (REPO / "agents").iterdir():
+        if agent.is_file():
+            assert rb.AGENTS_DEST + "/" + agent.name in names
+            assert "usr/local/bin/" + agent.name in names
+    # network, block and file system drivers
+    moddir = "usr/lib/modules/%s/kernel/" % kver
+    modules = {n.rsplit("/", 1)[-1].split(".ko")[0] for n in names if n.startswith(moddir) and ".ko" in n}
+    wanted = {"r8152", "ax88179_178a", "cdc_ncm", "cdc_ether", "e1000e", "e1000", "igb", "igc", "r8169", "tg3",
+              "virtio_net", "ixgbe", "atlantic", "nvme", "ahci", "usb-storage", "uas", "virtio_blk", "virtio_scsi",
+              "xhci-pci", "ext4", "vfat", "dm-crypt", "nbd", "btrfs", "usbhid", "tls"}
+    assert not wanted - modules, sorted(wanted - modules)
+    assert "iwlwifi" not in modules and "snd" not in modules and "amdgpu" not in modules
+    assert "usr/lib/modules/%s/modules.dep" % kver in names
+    # stripped
+    assert not [n for n in names if n.startswith("usr/share/doc/") or n.startswith("usr/share/man/")]
+    assert "var/lib/dpkg/status" not in names
+    assert not [n for n in names if n.startswith("boot/")]
+
+
+class Qemu:
+    """QEMU (TCG) on the ramdisk with the serial console on stdio."""
+
+    def __init__(self, append, log_path, extra=()):
+        self.log_path = log_path
+        self.buf = ""
+        self.lock = threading.Lock()
+        argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "1024", "-smp", "2",
+                "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+                "-kernel", str(OUT / "vmlinuz"), "-initrd", str(OUT / "initrd.img"),
+                "-append", append, *extra]
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        with open(self.log_path, "wb") as log:
+            while True:
+                chunk = self.proc.stdout.read1(4096)
+                if not chunk:
+                    return
+                log.write(chunk)
+                log.flush()
+                with self.lock:
+                    self.buf += chunk.decode("utf-8", "replace")
+
+    def wait_for(self, text, timeout=BOOT_TIMEOUT, since=0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                idx = self.buf.find(text, since)
+            if idx >= 0:
+                return idx, time.monotonic() - self.start
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError("no %r on the console within %d s; log %s:\n%s"
+                             % (text, timeout, self.log_path, self.buf[-3000:]))
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()  # by PID (Popen), nothing else
+        self.proc.wait(timeout=30)
+
+
+def test_boot_client_role_in_qemu(built, tmp_path):
+    vm = Qemu("console=ttyS0 stiefel.role=client panic=-1", tmp_path / "console.log")
+    try:
+        _, took = vm.wait_for("stiefel-ramdisk: starting role=client")
+        print("QEMU TCG: 'starting role=client' after %.1f s" % took)
+    finally:
+        vm.close()
+
+
+def test_shell_role_hardware_and_tools(built, tmp_path):
+    """Boot with stiefel.role=shell and two NICs without a peer: udev must load
+    their drivers; python3 imports the library's dependencies; kexec can load a
+    kernel with kexec_file_load."""
+    vm = Qemu("console=ttyS0 stiefel.role=shell panic=-1", tmp_path / "console.log",
+              extra=("-device", "virtio-net-pci", "-device", "e1000e"))
+    try:
+        vm.wait_for("role shell - starting a shell")
+        time.sleep(1)
+        vm.send("echo MODS $(cut -d' ' -f1 /proc/modules | tr '\\n' ,) END")
+        idx, _ = vm.wait_for("MODS ", timeout=60)
+        idx, _ = vm.wait_for(" END", timeout=60, since=idx)
+        mods = vm.buf[vm.buf.rfind("MODS ", 0, idx) + 5:idx]
+        assert "virtio_net" in mods and "e1000e" in mods, mods
+        vm.send("python3 -c 'import cryptography, pyroute2, sys; "
+                "from ansible_collections.stiefel.system.plugins.module_utils import keyfile; "
+                "print(\"PY-OK\", cryptography.__version__, sys.version_info[:2])'")
+        vm.wait_for("PY-OK", timeout=120)
+        vm.send("ls /sys/class/net | tr '\\n' ' '; echo NETS-END")
+        vm.wait_for("NETS-END", timeout=30)
+        vm.send("kexec -s -l /proc/self/root/boot-none 2>/dev/null; "
+                "echo KX $(kexec --version 2>&1 | head -n1) KX-END")
+        vm.wait_for("KX-END", timeout=30)
+        assert "kexec-tools" in vm.buf
+        vm.send("test -d /run/stiefel && mountpoint -q /run && echo RUN-TMPFS-OK")
+        vm.wait_for("RUN-TMPFS-OK", timeout=30)
+    finally:
+        vm.close()
+
+
+def test_second_run_changes_nothing(built):
+    changed, stdout, took = run_playbook()
+    print("unchanged rebuild: %.1f s" % took)
+    assert changed == 0, changed_tasks(stdout)
+    changed, stdout, took = run_playbook("--check")
+    print("check mode on an up-to-date ramdisk: %.1f s" % took)
+    assert changed == 0, changed_tasks(stdout)
+
+
+def test_agent_change_repacks_only_the_overlay(built, tmp_path):
+    agents = tmp_path / "agents"
+    shutil.copytree(REPO / "agents", agents)
+    (agents / "stiefel-extra").write_text("#!/usr/bin/python3\nprint('extra')\n")
+    before = (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns
+    try:
+        changed, stdout, took = run_playbook("-e", "ramdisk_agents_dir=%s" % agents)
+        print("overlay-only rebuild: %.1f s" % took)
+        assert sorted(changed_tasks(stdout)) == sorted([
+            "Pack /init, the library and the agents (log: %s/logs/overlay.log)" % OUT,
+            "Write vmlinuz, initrd.img and manifest.json (log: %s/logs/assemble.log)" % OUT])
+        assert json.loads((OUT / "manifest.json").read_text())["agents"][-1] == "stiefel-extra"
+        assert (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns == before
+    finally:
+        changed, stdout, took = run_playbook()  # back to the repository's agents
+    assert changed == 2
+    assert "stiefel-extra" not in json.loads((OUT / "manifest.json").read_text())["agents"]

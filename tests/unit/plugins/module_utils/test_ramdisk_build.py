@@ -1,0 +1,246 @@
+"""Unit tests for plugins/module_utils/ramdisk_build.py (APT sources, module
+selection, input hashes, the multi-archive newc lister, stage skipping)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ansible_collections.stiefel.system.plugins.module_utils import cpio
+from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb
+
+DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+
+Enabled: no
+Types: deb
+URIs: http://disabled.invalid/debian
+Suites: trixie
+Components: main
+"""
+
+ONE_LINE = """\
+# comment
+deb [arch=amd64 signed-by=/x.gpg] http://mirror.example/debian bookworm main contrib
+deb-src http://mirror.example/debian bookworm main
+deb http://security.example/debian-security bookworm-security main # trailing
+garbage line
+deb http://short.example
+"""
+
+
+def test_deb822_parse():
+    entries = rb.parse_deb822_sources(DEB822)
+    assert len(entries) == 4
+    assert entries[0].uris == ["http://deb.debian.org/debian"]
+    assert entries[0].suites == ["bookworm", "bookworm-updates", "bookworm-backports"]
+    assert entries[2].types == ["deb-src"]
+    assert entries[3].enabled is False
+
+
+def test_select_from_deb822_uses_main_suite_with_updates_and_security():
+    uri, suite, comps, lines = rb.select_mirrors(rb.parse_deb822_sources(DEB822))
+    assert (uri, suite, comps) == ("http://deb.debian.org/debian", "bookworm", ["main"])
+    assert lines == [
+        "deb http://deb.debian.org/debian bookworm main",
+        "deb http://deb.debian.org/debian bookworm-updates main",
+        "deb http://deb.debian.org/debian-security bookworm-security main",
+    ]
+
+
+def test_one_line_parse_and_select():
+    entries = rb.parse_one_line_sources(ONE_LINE)
+    assert [e.uris[0] for e in entries] == [
+        "http://mirror.example/debian", "http://mirror.example/debian", "http://security.example/debian-security"]
+    uri, suite, comps, lines = rb.select_mirrors(entries, components=["main"])
+    assert uri == "http://mirror.example/debian" and suite == "bookworm"
+    assert lines == ["deb http://mirror.example/debian bookworm main",
+                     "deb http://security.example/debian-security bookworm-security main"]
+
+
+def test_override_and_errors():
+    assert rb.select_mirrors([], mirror="http://m/debian", suite="bookworm")[3] == ["deb http://m/debian bookworm main"]
+    with pytest.raises(rb.RamdiskBuildError):
+        rb.select_mirrors([], mirror="http://m/debian")
+    with pytest.raises(rb.RamdiskBuildError):
+        rb.select_mirrors([])
+    with pytest.raises(rb.RamdiskBuildError):
+        rb.select_mirrors(rb.parse_deb822_sources(DEB822), suite="sid")
+
+
+def test_read_host_sources(tmp_path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(ONE_LINE)
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(DEB822)
+    (tmp_path / "sources.list.d" / "ignored.save").write_text("deb http://x y z\n")
+    entries = rb.read_host_sources(str(tmp_path))
+    assert len(entries) == 3 + 4
+    assert rb.select_mirrors(entries)[0] == "http://mirror.example/debian"
+
+
+@given(st.text(max_size=2000))
+def test_source_parsers_never_crash(text):
+    for entry in rb.parse_deb822_sources(text) + rb.parse_one_line_sources(text):
+        assert entry.uris and entry.suites
+    try:
+        rb.select_mirrors(rb.parse_deb822_sources(text) + rb.parse_one_line_sources(text))
+    except rb.RamdiskBuildError:
+        pass
+
+
+MODULES_DEP = """\
+kernel/drivers/net/usb/r8152.ko: kernel/drivers/net/mii.ko kernel/lib/libphy.ko
+kernel/drivers/net/mii.ko:
+kernel/drivers/net/wireless/iwlwifi.ko: kernel/net/wireless/cfg80211.ko
+kernel/net/wireless/cfg80211.ko: kernel/net/rfkill/rfkill.ko
+kernel/net/rfkill/rfkill.ko:
+kernel/lib/libphy.ko:
+kernel/sound/snd.ko: kernel/lib/libphy.ko
+not a line
+"""
+
+
+def test_select_modules_with_dependencies():
+    deps = rb.parse_modules_dep(MODULES_DEP)
+    assert len(deps) == 7
+    keep = rb.select_modules(deps, ["kernel/drivers/net/*"], ["kernel/drivers/net/wireless/*"])
+    assert keep == {"kernel/drivers/net/usb/r8152.ko", "kernel/drivers/net/mii.ko", "kernel/lib/libphy.ko"}
+    # a kept module's dependency is kept even when excluded
+    keep = rb.select_modules(deps, ["kernel/drivers/*"], ["kernel/net/*"])
+    assert "kernel/net/wireless/cfg80211.ko" in keep and "kernel/net/rfkill/rfkill.ko" in keep
+    assert "kernel/sound/snd.ko" not in keep
+
+
+@given(st.text(max_size=1000))
+def test_modules_dep_parser_never_crashes(text):
+    deps = rb.parse_modules_dep(text)
+    assert rb.select_modules(deps, ["*"], []) >= set(deps)
+
+
+def test_canonical_hash_is_order_independent():
+    assert rb.canonical_hash({"a": 1, "b": [1, 2]}) == rb.canonical_hash({"b": [1, 2], "a": 1})
+    assert rb.canonical_hash({"a": 1}) != rb.canonical_hash({"a": 2})
+
+
+def test_iter_newc_stream_reads_concatenated_archives():
+    one = cpio.write_newc([cpio.CpioEntry.directory("usr"), cpio.CpioEntry.file("usr/a", b"hello", 0o755)])
+    two = cpio.write_newc([cpio.CpioEntry.file("init", b"#!/bin/sh\n" * 100, 0o755)])
+    members = list(rb.iter_newc_stream(io.BytesIO(one + b"\0" * 8 + two)))
+    assert [(n, s) for n, _m, s in members] == [("usr", 0), ("usr/a", 5), ("init", 1000)]
+    assert members[2][1] & 0o777 == 0o755
+
+
+def test_iter_newc_stream_refuses_garbage():
+    one = cpio.write_newc([cpio.CpioEntry.file("a", b"x")])
+    with pytest.raises(rb.RamdiskBuildError):
+        list(rb.iter_newc_stream(io.BytesIO(one + b"garbage garbage")))
+    with pytest.raises(rb.RamdiskBuildError):
+        list(rb.iter_newc_stream(io.BytesIO(one[:-200])))
+
+
+@given(st.binary(max_size=600), st.integers(min_value=0, max_value=600))
+def test_iter_newc_stream_hostile_bytes(data, cut):
+    valid = cpio.write_newc([cpio.CpioEntry.file("f", b"abc")])
+    for blob in (data, valid[:cut] + data, valid + data):
+        try:
+            for name, _mode, size in rb.iter_newc_stream(io.BytesIO(blob)):
+                assert isinstance(name, str) and size >= 0
+        except rb.RamdiskBuildError:
+            pass
+
+
+def _config(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "keyfile.py").write_text("X = 1\n")
+    (lib / "notes.txt").write_text("not python\n")
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "stiefel-client").write_text("#!/usr/bin/python3\n")
+    init = tmp_path / "init"
+    init.write_text("#!/bin/sh\n")
+    return {
+        "output_dir": str(tmp_path / "out"), "mirror": "http://m/debian", "suite": "bookworm", "components": [],
+        "variant": "essential", "packages": ["python3"], "extra_packages": [], "dpkg_excludes": [],
+        "strip_paths": [], "modules_include": ["kernel/drivers/net/*"], "modules_exclude": [], "zstd_level": 3,
+        "library_dir": str(lib), "agents_dir": str(agents), "init_path": str(init), "role_version": "1",
+    }
+
+
+def test_overlay_files_and_hashes(tmp_path):
+    cfg = _config(tmp_path)
+    b = rb.RamdiskBuilder(cfg)
+    assert sorted(b.files) == sorted(["init", rb.LIBRARY_DEST + "/keyfile.py", rb.AGENTS_DEST + "/stiefel-client"])
+    before = (b.base_hash, b.input_hash)
+    (tmp_path / "lib" / "keyfile.py").write_text("X = 2\n")
+    b2 = rb.RamdiskBuilder(cfg)
+    assert b2.base_hash == before[0] and b2.input_hash != before[1]  # library change: overlay only
+    cfg["packages"] = ["python3", "kmod"]
+    assert rb.RamdiskBuilder(cfg).base_hash != before[0]
+
+
+def test_check_mode_reports_and_builds_nothing(tmp_path):
+    b = rb.RamdiskBuilder(_config(tmp_path), check=True)
+    plan = b.plan()
+    assert plan["changed"] is False and plan["up_to_date"] is False
+    for step in rb.STEPS[1:]:
+        assert b.run(step)["changed"] is True
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_overlay_and_assemble_skip_when_up_to_date(tmp_path):
+    cfg = _config(tmp_path)
+    b = rb.RamdiskBuilder(cfg)
+    out = tmp_path / "out"
+    # pretend the base stages ran: stamps for this base hash and a base archive
+    (out / "work" / "base").mkdir(parents=True)
+    rb.write_json_atomic(str(out / "work" / "base" / "stamp.json"), {"hash": b.base_hash, "kernel_version": "6.1"})
+    (out / "work" / "base" / "vmlinuz").write_bytes(b"kernel")
+    (out / "work" / "base.cpio.zst").write_bytes(b"base")
+    rb.write_json_atomic(str(out / "work" / "base.cpio.zst.json"), {"hash": b.base_hash})
+    (out / "work" / "overlay.cpio.zst").write_bytes(b"overlay")
+    rb.write_json_atomic(str(out / "work" / "overlay.cpio.zst.json"), {"hash": b.input_hash})
+    assert b.overlay()["changed"] is False
+    res = b.assemble()
+    assert res["changed"] is True
+    assert (out / "initrd.img").read_bytes() == b"baseoverlay"
+    assert res["manifest"]["files"]["vmlinuz"]["size"] == 6
+    assert rb.RamdiskBuilder(cfg).assemble()["changed"] is False
+    assert rb.RamdiskBuilder(cfg).plan()["up_to_date"] is True
+    (out / "initrd.img").write_bytes(b"tampered!!!")
+    assert rb.RamdiskBuilder(cfg, check=True).assemble()["changed"] is True
+
+
+def test_assemble_refuses_stale_parts(tmp_path):
+    b = rb.RamdiskBuilder(_config(tmp_path))
+    with pytest.raises(rb.RamdiskBuildError, match="pack_base"):
+        b.assemble()
+
+
+def test_tree_names_keeps_symlinked_directories(tmp_path):
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "sh").write_text("x")
+    (tmp_path / "bin").symlink_to("usr/bin")
+    (tmp_path / "usr" / "lib").symlink_to("bin")
+    names = rb.tree_names(str(tmp_path))
+    assert sorted(names) == ["bin", "usr", "usr/bin", "usr/bin/sh", "usr/lib"]
+    assert names.index("usr") < names.index("usr/bin") < names.index("usr/bin/sh")
