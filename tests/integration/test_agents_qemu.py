@@ -41,7 +41,11 @@ MARKER_INIT = """#!/bin/busybox sh
 out=/dev/ttyS0
 echo "%s" > $out
 echo "marker-cmdline: $(/bin/busybox cat /proc/cmdline)" > $out
-if [ -s /etc/stiefel/nbd.psk ]; then echo "marker-psk: present $(/bin/busybox stat -c %%a /etc/stiefel/nbd.psk)" > $out; else echo "marker-psk: missing" > $out; fi
+if [ -s /etc/stiefel/nbd.psk ]; then
+    echo "marker-psk: present $(/bin/busybox stat -c %%a /etc/stiefel/nbd.psk)" > $out
+else
+    echo "marker-psk: missing" > $out
+fi
 /bin/busybox poweroff -f
 """ % MARKER
 
@@ -103,8 +107,8 @@ def ramdisk_fixups(ramdisk, workdir):
 def marker_initrd(path):
     """A busybox initramfs (dynamic busybox plus its libraries) whose /init prints MARKER."""
     busybox = shutil.which("busybox") or "/bin/busybox"
-    entries = [cpio.CpioEntry.directory(d) for d in ("bin", "dev", "proc", "etc", "lib", "lib64",
-                                                      "lib/x86_64-linux-gnu")]
+    dirs = ("bin", "dev", "proc", "etc", "lib", "lib64", "lib/x86_64-linux-gnu")
+    entries = [cpio.CpioEntry.directory(d) for d in dirs]
     libs = subprocess.run(["ldd", busybox], capture_output=True, text=True, check=True).stdout
     for line in libs.splitlines():
         parts = line.split()
