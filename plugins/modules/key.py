@@ -122,6 +122,10 @@ def run(module):
     result = dict(changed=False, path=path, key_id=None, previous_key_id=None, action="kept")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
+        if module.check_mode:
+            # In a dry run an earlier task would have created the directory.
+            result.update(changed=True, action="created")
+            return result
         module.fail_json(msg="directory %s for the key file does not exist" % directory, **result)
 
     previous = None

@@ -86,6 +86,12 @@ def test_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert result["failed"] and "does not exist" in result["msg"]
 
 
+def test_missing_directory_in_check_mode_reports_a_change(tmp_path, capsys):
+    result, _ = run_module(capsys, path=str(tmp_path / "nope" / "key"), _ansible_check_mode=True)
+    assert result["changed"] and result["action"] == "created"
+    assert not (tmp_path / "nope").exists()
+
+
 def test_through_ansible_cli(tmp_path):
     """The issue's acceptance run: ansible localhost -m stiefel.system.key."""
     path = tmp_path / "key"
