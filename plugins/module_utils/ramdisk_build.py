@@ -588,6 +588,7 @@ class RamdiskBuilder:
             "modules_include": sorted(cfg["modules_include"]),
             "modules_exclude": sorted(cfg["modules_exclude"]),
             "zstd_level": int(cfg["zstd_level"]),
+            "compress_modules": cfg.get("compress_modules", "none"),
         }
         self.base_hash = canonical_hash(base_inputs)
         self.files = overlay_files(cfg["library_dir"], cfg.get("agents_dir") or "", cfg["init_path"])
@@ -688,6 +689,12 @@ class RamdiskBuilder:
             f.write("kernel %s: keeping %d of %d modules\n" % (kver, len(keep), len(deps)))
             for mod in sorted(keep):
                 f.write("keep %s\n" % mod)
+        if self.cfg.get("compress_modules", "none") == "xz":
+            # kmod (libkmod, +XZ) decompresses them in userspace; the initramfs
+            # then holds ~100 MB less in RAM and boots faster.
+            plain = [os.path.join(moddir, m) for m in sorted(keep) if m.endswith(".ko")]
+            for i in range(0, len(plain), 100):
+                run_logged(["xz", "--quiet", "--check=crc32", "--threads=0", "-6"] + plain[i:i + 100], log)
         run_logged(["depmod", "-b", root, kver], log)
         # files a ramdisk does not need
         for pattern in self.cfg["strip_paths"]:

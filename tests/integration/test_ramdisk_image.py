@@ -128,7 +128,7 @@ def test_initrd_contents(built, members):
               "virtio_net", "ixgbe", "atlantic", "nvme", "ahci", "usb-storage", "uas", "virtio_blk", "virtio_scsi",
               "xhci-pci", "ext4", "vfat", "dm-crypt", "nbd", "btrfs", "usbhid", "tls"}
     assert not wanted - modules, sorted(wanted - modules)
-    assert "iwlwifi" not in modules and "snd" not in modules and "amdgpu" not in modules
+    assert not {"iwlwifi", "ath9k", "amdgpu", "i915", "snd-hda-intel"} & modules
     assert "usr/lib/modules/%s/modules.dep" % kver in names
     # stripped
     assert not [n for n in names if n.startswith("usr/share/doc/") or n.startswith("usr/share/man/")]
@@ -198,30 +198,31 @@ def test_boot_client_role_in_qemu(built, tmp_path):
 
 def test_shell_role_hardware_and_tools(built, tmp_path):
     """Boot with stiefel.role=shell and two NICs without a peer: udev must load
-    their drivers; python3 imports the library's dependencies; kexec can load a
-    kernel with kexec_file_load."""
+    their drivers; python3 imports the library and its dependencies; kexec and
+    nbdkit's nbd plugin (libnbd) run; /run is a tmpfs."""
     vm = Qemu("console=ttyS0 stiefel.role=shell panic=-1", tmp_path / "console.log",
               extra=("-device", "virtio-net-pci", "-device", "e1000e"))
     try:
         vm.wait_for("role shell - starting a shell")
         time.sleep(1)
-        vm.send("echo MODS $(cut -d' ' -f1 /proc/modules | tr '\\n' ,) END")
+        # markers are split with "" so the console's echo of the command does not match
+        vm.send("echo MO\"\"DS $(cut -d' ' -f1 /proc/modules | tr '\\n' ,) EN\"\"D")
         idx, _ = vm.wait_for("MODS ", timeout=60)
-        idx, _ = vm.wait_for(" END", timeout=60, since=idx)
-        mods = vm.buf[vm.buf.rfind("MODS ", 0, idx) + 5:idx]
+        end, _ = vm.wait_for(" END", timeout=60, since=idx)
+        mods = vm.buf[idx + 5:end].split(",")
         assert "virtio_net" in mods and "e1000e" in mods, mods
         vm.send("python3 -c 'import cryptography, pyroute2, sys; "
                 "from ansible_collections.stiefel.system.plugins.module_utils import keyfile; "
-                "print(\"PY-OK\", cryptography.__version__, sys.version_info[:2])'")
+                "print(\"PY\" + \"-OK\", cryptography.__version__, sys.version_info[:2])'")
         vm.wait_for("PY-OK", timeout=120)
-        vm.send("ls /sys/class/net | tr '\\n' ' '; echo NETS-END")
-        vm.wait_for("NETS-END", timeout=30)
-        vm.send("kexec -s -l /proc/self/root/boot-none 2>/dev/null; "
-                "echo KX $(kexec --version 2>&1 | head -n1) KX-END")
-        vm.wait_for("KX-END", timeout=30)
-        assert "kexec-tools" in vm.buf
-        vm.send("test -d /run/stiefel && mountpoint -q /run && echo RUN-TMPFS-OK")
+        vm.send("echo KX\"\"1 $(kexec --version 2>&1 | head -n1) $(nbdkit nbd --version 2>&1 | head -n1) KX\"\"2")
+        idx, _ = vm.wait_for("KX1 ", timeout=60)
+        end, _ = vm.wait_for("KX2", timeout=60, since=idx)
+        line = vm.buf[idx:end]
+        assert "kexec-tools" in line and "nbdkit" in line, line
+        vm.send("mountpoint -q /run && test -d /run/stiefel && echo RUN-TMPFS-\"\"OK")
         vm.wait_for("RUN-TMPFS-OK", timeout=30)
+        print("shell role: modules %d loaded, python/kexec/nbdkit ok after %.1f s" % (len(mods), time.monotonic() - vm.start))
     finally:
         vm.close()
 
@@ -243,9 +244,9 @@ def test_agent_change_repacks_only_the_overlay(built, tmp_path):
     try:
         changed, stdout, took = run_playbook("-e", "ramdisk_agents_dir=%s" % agents)
         print("overlay-only rebuild: %.1f s" % took)
-        assert sorted(changed_tasks(stdout)) == sorted([
-            "Pack /init, the library and the agents (log: %s/logs/overlay.log)" % OUT,
-            "Write vmlinuz, initrd.img and manifest.json (log: %s/logs/assemble.log)" % OUT])
+        names = changed_tasks(stdout)
+        assert len(names) == 2, names
+        assert names[0].startswith("Pack /init, the library and the agents") and names[1].startswith("Write vmlinuz")
         assert json.loads((OUT / "manifest.json").read_text())["agents"][-1] == "stiefel-extra"
         assert (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns == before
     finally:

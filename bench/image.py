@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmark the stiefel ramdisk build and boot (measurements, not tests).
+
+Measures, in one run:
+- cold build: playbooks/build-image.yml into an empty output directory
+  ($STIEFEL_CACHE_DIR/bench/ramdisk-cold, deleted first; skip with --skip-cold),
+- unchanged rebuild: the same playbook again on that output,
+- overlay-only rebuild: with one extra agent file (then restored),
+- sizes: vmlinuz, initrd.img compressed and uncompressed (from manifest.json),
+- boot under QEMU TCG (-m 1024): seconds from QEMU start to the kernel running
+  /init and to "stiefel-ramdisk: starting role=client" on the serial console.
+
+Usage (as root, from the repository): .venv/bin/python bench/image.py [--skip-cold]
+Prints a table and writes bench/results/image.json. Exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
+PLAYBOOK = REPO / "playbooks" / "build-image.yml"
+
+
+def playbook(out_dir, *extra):
+    exe = REPO / ".venv" / "bin" / "ansible-playbook"
+    argv = [str(exe if exe.exists() else "ansible-playbook"), str(PLAYBOOK), "-e", "ramdisk_output_dir=%s" % out_dir,
+            *extra]
+    start = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    took = time.monotonic() - start
+    m = re.search(r"changed=(\d+)", proc.stdout)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-2000:], file=sys.stderr)
+    return took, (int(m.group(1)) if m else -1), proc.returncode
+
+
+def boot(out_dir, timeout=300):
+    argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "1024", "-smp", "2", "-display", "none",
+            "-monitor", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(out_dir / "vmlinuz"),
+            "-initrd", str(out_dir / "initrd.img"), "-append", "console=ttyS0 stiefel.role=client panic=-1"]
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    times = {}
+    os.set_blocking(proc.stdout.fileno(), False)
+    buf = b""
+    try:
+        while time.monotonic() - start < timeout and proc.poll() is None:
+            chunk = proc.stdout.read(65536)
+            if chunk:
+                buf += chunk
+                if "init" not in times and b"Run /init as init process" in buf:
+                    times["init"] = time.monotonic() - start
+                if b"stiefel-ramdisk: starting role=client" in buf:
+                    times["agent"] = time.monotonic() - start
+                    break
+            else:
+                time.sleep(0.1)
+    finally:
+        proc.kill()  # by PID
+        proc.wait()
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-cold", action="store_true",
+                    help="reuse the existing bench output dir instead of building from scratch")
+    args = ap.parse_args()
+    out = CACHE / "bench" / "ramdisk-cold"
+    rows = []
+    results = {}
+    if not args.skip_cold:
+        shutil.rmtree(out, ignore_errors=True)
+        print("cold build into %s ..." % out, flush=True)
+        took, changed, rc = playbook(out)
+        results["cold_build_s"] = round(took, 1)
+        rows.append(("cold build (empty output dir)", "%.1f s" % took, "changed=%d rc=%d" % (changed, rc)))
+    elif not (out / "manifest.json").exists():
+        print("no previous bench build in %s; run without --skip-cold" % out)
+        return 0
+    print("unchanged rebuild ...", flush=True)
+    took, changed, rc = playbook(out)
+    results["unchanged_rebuild_s"] = round(took, 1)
+    rows.append(("unchanged rebuild", "%.1f s" % took, "changed=%d rc=%d" % (changed, rc)))
+    with tempfile.TemporaryDirectory() as tmp:
+        agents = Path(tmp) / "agents"
+        shutil.copytree(REPO / "agents", agents)
+        (agents / "stiefel-bench").write_text("#!/usr/bin/python3\n")
+        print("overlay-only rebuild ...", flush=True)
+        took, changed, rc = playbook(out, "-e", "ramdisk_agents_dir=%s" % agents)
+        results["overlay_rebuild_s"] = round(took, 1)
+        rows.append(("overlay-only rebuild (one agent file added)", "%.1f s" % took, "changed=%d rc=%d" % (changed, rc)))
+    took, changed, rc = playbook(out)  # restore
+    rows.append(("overlay-only rebuild (restore)", "%.1f s" % took, "changed=%d rc=%d" % (changed, rc)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = manifest["files"]
+    results.update(kernel_bytes=files["vmlinuz"]["size"], initrd_bytes=files["initrd.img"]["size"],
+                   initrd_uncompressed_bytes=manifest["initrd_uncompressed_bytes"],
+                   modules_kept=manifest["modules_kept"], modules_total=manifest["modules_total"],
+                   compression=manifest["compression"], kernel_version=manifest["kernel_version"])
+    rows.append(("kernel (vmlinuz %s)" % manifest["kernel_version"], "%.1f MB" % (files["vmlinuz"]["size"] / 1e6), ""))
+    rows.append(("initrd compressed (%s)" % manifest["compression"], "%.1f MB" % (files["initrd.img"]["size"] / 1e6),
+                 "target <= 60 MB"))
+    rows.append(("initrd uncompressed", "%.1f MB" % (manifest["initrd_uncompressed_bytes"] / 1e6),
+                 "%d of %d modules" % (manifest["modules_kept"], manifest["modules_total"])))
+    print("booting in QEMU TCG ...", flush=True)
+    times = boot(out)
+    results["boot"] = {k: round(v, 1) for k, v in times.items()}
+    rows.append(("TCG boot: QEMU start -> kernel runs /init", "%.1f s" % times["init"] if "init" in times else "n/a", ""))
+    rows.append(("TCG boot: QEMU start -> 'starting role=client'",
+                 "%.1f s" % times["agent"] if "agent" in times else "n/a", "small /init + udev coldplug"))
+    width = max(len(r[0]) for r in rows)
+    print("\n%-*s  %10s  %s" % (width, "measurement", "value", "note"))
+    for name, value, note in rows:
+        print("%-*s  %10s  %s" % (width, name, value, note))
+    res_dir = REPO / "bench" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / "image.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
