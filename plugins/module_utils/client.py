@@ -184,7 +184,7 @@ class ClientAgent(object):
             except OSError as exc:
                 self.console("cannot send KEXEC_REQUEST to %s: %s" % (source, exc))
             return None
-        if offer.role != messages.ROLE_SERVER:
+        if offer.role not in (messages.ROLE_SERVER, messages.ROLE_STANDALONE):
             self.console("ignoring OFFER with role %d from %s" % (offer.role, source))
             return None
         try:

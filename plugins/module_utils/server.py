@@ -38,6 +38,7 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import Proto
 DEFAULT_HTTP_PORT = 61571
 MAX_UNLOCK_BODY = 4096
 STATUS_INTERVAL = 30.0
+PEERS_INTERVAL = 5.0
 POWER_INTERVAL = 30.0
 LOW_BATTERY = 20
 _NONCE_HEX = r"([0-9a-f]{32})"
@@ -495,7 +496,7 @@ class ServerAgent(object):
         self.sock = None
         self._stop = False
         self._last_power = (0, "")
-        self._nbd_io = None
+        self._nbd_peers = set()
 
     # -- /boot
     def _mount_point(self):
@@ -586,6 +587,15 @@ class ServerAgent(object):
             parts.append("%s: %s" % (client, what))
         return "; ".join(parts)
 
+    def check_nbd_peers(self):
+        """Say on the console when an NBD client connects or goes away."""
+        peers = set(tcp_peers(self.state.nbd_port)) if self.nbd is not None else set()
+        for peer in sorted(peers - self._nbd_peers):
+            self.console("NBD client %s connected" % peer)
+        for peer in sorted(self._nbd_peers - peers):
+            self.console("NBD client %s disconnected; %s" % (peer, self.status_line()))
+        self._nbd_peers = peers
+
     def check_power(self):
         level, message = power_warning(read_power_supplies(self.power_sysfs))
         if level and (level, message) != self._last_power:
@@ -629,18 +639,21 @@ class ServerAgent(object):
         self.console("answering discovery on UDP %d, payload on HTTP %d, key id %s" % (
             self.discovery_port, self.state.http_port, keyschedule.key_id_hex(self.key)))
         next_status = time.monotonic() + STATUS_INTERVAL
-        next_power = time.monotonic()
+        next_power = next_peers = time.monotonic()
         try:
             while not self._stop:
                 now = time.monotonic()
                 if now >= next_power:
                     self.check_power()
                     next_power = now + POWER_INTERVAL
+                if now >= next_peers:
+                    self.check_nbd_peers()
+                    next_peers = now + PEERS_INTERVAL
                 if now >= next_status:
                     self.console("status: " + self.status_line())
                     self._check_nbd()
                     next_status = now + STATUS_INTERVAL
-                timeout = max(0.0, min(next_status, next_power) - time.monotonic())
+                timeout = max(0.0, min(next_status, next_power, next_peers) - time.monotonic())
                 readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], timeout)
                 if self.links.fileno() in readable:
                     self.links.process()

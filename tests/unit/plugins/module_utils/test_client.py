@@ -102,3 +102,89 @@ def test_stop_before_kexec_needs_no_kexec(tmp_path, monkeypatch):
                            0, 61571, 10809, "stiefel")
     assert a.boot_from(discovery.Offer(msg, "fe80::9", 5, 61570)) == 0
     assert (tmp_path / "run" / "nbd-psk.cpio").stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------------------ hostile payload streams over real HTTP
+
+class _Stream(object):
+    body = b""
+
+
+@pytest.fixture(scope="module")
+def stream_server():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(_Stream.body)
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = __import__("socket").AF_INET6
+        daemon_threads = True
+
+    httpd = Server(("::1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _offer(port, cn, sn):
+    msg = messages.Message(messages.OFFER, cn, sn, messages.ROLE_SERVER, 0, port, 10809, "stiefel")
+    return discovery.Offer(msg, "::1", 0, 61570)
+
+
+def _genuine(tmp_path, cn, sn, key=KEY):
+    from ansible_collections.stiefel.system.plugins.module_utils import payload
+
+    kernel, initrd = tmp_path / "k", tmp_path / "i"
+    kernel.write_bytes(b"k" * 10000)
+    initrd.write_bytes(b"i" * 7000)
+    manifest = payload.build_manifest(str(kernel), str(initrd), "root=x")
+    return b"".join(payload.iter_payload(key, cn, sn, manifest, {"kernel": str(kernel), "initrd": str(initrd)},
+                                         chunk_size=4096))
+
+
+def test_fetch_genuine_stream(stream_server, tmp_path):
+    cn, sn = messages.new_nonce(), messages.new_nonce()
+    _Stream.body = _genuine(tmp_path, cn, sn)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    manifest = client.fetch_payload(KEY, _offer(stream_server, cn, sn), None, str(dest), log=lambda s: None)
+    assert manifest.cmdline == "root=x" and (dest / "initrd").read_bytes() == b"i" * 7000
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_fetch_hostile_streams(stream_server, tmp_path_factory, data):
+    from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError
+
+    tmp_path = tmp_path_factory.mktemp("s")
+    cn, sn = messages.new_nonce(), messages.new_nonce()
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "other challenge", "wrong key", "extended"]))
+    genuine = _genuine(tmp_path, cn, sn)
+    if kind == "random":
+        body = data.draw(st.binary(max_size=3000))
+    elif kind == "truncated":
+        body = genuine[:data.draw(st.integers(min_value=0, max_value=len(genuine) - 1))]
+    elif kind == "flipped":
+        pos = data.draw(st.integers(min_value=0, max_value=len(genuine) - 1))
+        body = genuine[:pos] + bytes((genuine[pos] ^ 0x01,)) + genuine[pos + 1:]
+    elif kind == "other challenge":
+        body = _genuine(tmp_path, messages.new_nonce(), sn)
+    elif kind == "wrong key":
+        body = _genuine(tmp_path, cn, sn, key=bytes(32))
+    else:
+        body = genuine + data.draw(st.binary(min_size=1, max_size=100))
+    _Stream.body = body
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ProtocolError):
+        client.fetch_payload(KEY, _offer(stream_server, cn, sn), None, str(dest), log=lambda s: None)
+    assert sorted(p.name for p in dest.iterdir()) == []  # nothing half-written is left behind
