@@ -3,7 +3,7 @@
 # command line has stiefel.mac= (installed by the stiefel.system.laptop role).
 
 check() {
-    require_binaries nbd-client ip || return 1
+    require_binaries nbd-client ip nbdkit bash || return 1
     return 0
 }
 
@@ -20,7 +20,11 @@ installkernel() {
 }
 
 install() {
-    inst_multiple nbd-client ip cat sleep
+    inst_multiple nbd-client ip cat sleep bash nbdkit tr
+    # NBD over TLS-PSK: the local TLS proxy is nbdkit's nbd plugin (libnbd,
+    # GnuTLS: libraries are resolved by dracut-install); the PSK is appended
+    # by the client as an extra cpio, it is not part of this image.
+    inst_libdir_file "nbdkit/plugins/nbdkit-nbd-plugin.so"
     inst_multiple -o blockdev udevadm modprobe
     inst_simple "$moddir/stiefel-nbd-attach" /sbin/stiefel-nbd-attach
     inst_hook cmdline 90 "$moddir/stiefel-cmdline.sh"
