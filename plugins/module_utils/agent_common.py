@@ -16,6 +16,15 @@ DEFAULT_KEY_PATH = "/etc/stiefel/key"
 RUN_DIR = "/run/stiefel"
 
 
+def stdout_log(text: str) -> None:
+    """The default ``log`` of the library's agent code: one line on stdout (the console in the ramdisk)."""
+    try:
+        sys.stdout.write("%s\n" % text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def parse_cmdline(text: str) -> dict:
     """``stiefel.*`` options of a kernel command line: ``{"role": "server", "debug": True, ...}``.
 

@@ -23,7 +23,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyschedule, messages
 from ansible_collections.stiefel.system.plugins.module_utils import payload
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, strip_stiefel_options
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, stdout_log, strip_stiefel_options
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 
 DISCOVER_INTERVAL = 2.0
@@ -77,7 +77,7 @@ def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
         conn.close()
 
 
-def fetch_payload(key, offer, ifname, dest_dir, log=print, timeout=HTTP_TIMEOUT):
+def fetch_payload(key, offer, ifname, dest_dir, log=stdout_log, timeout=HTTP_TIMEOUT):
     """GET the payload for ``offer`` and verify it into ``dest_dir``; return the manifest."""
     conn = _connect(offer, ifname, timeout)
     try:
@@ -230,7 +230,7 @@ class ClientAgent(object):
             doc["kexec_cmdline"] = cmdline
             doc["server"] = offer.address
             doc["interface"] = link.ifname
-            print("stiefel-client: manifest " + json.dumps(doc, sort_keys=True), flush=True)
+            stdout_log("stiefel-client: manifest " + json.dumps(doc, sort_keys=True))
             # What would be appended to the laptop initrd, for the test to attach the NBD export with.
             path = os.path.join(self.run_dir, "nbd-psk.cpio")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
