@@ -104,6 +104,29 @@ def ramdisk_fixups(ramdisk, workdir):
     return [out]
 
 
+def checkout_overlay(workdir):
+    """The agents and library of this checkout, as they sit in the ramdisk (a later archive wins), so the VMs
+    run the code under test even when the cached image was built from an older checkout."""
+    entries = []
+    dirs = ["usr", "usr/lib", "usr/lib/stiefel", "usr/lib/stiefel/agents"]
+    lib = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
+    parts = lib.split("/")
+    dirs += ["/".join(parts[:i]) for i in range(4, len(parts) + 1)]
+    entries += [cpio.CpioEntry.directory(d) for d in dirs]
+    for name in sorted(os.listdir(os.path.join(REPO, "agents"))):
+        with open(os.path.join(REPO, "agents", name), "rb") as handle:
+            entries.append(cpio.CpioEntry.file("usr/lib/stiefel/agents/" + name, handle.read(), 0o755))
+    source = os.path.join(REPO, "plugins", "module_utils")
+    for name in sorted(os.listdir(source)):
+        if name.endswith(".py"):
+            with open(os.path.join(source, name), "rb") as handle:
+                entries.append(cpio.CpioEntry.file(lib + "/" + name, handle.read(), 0o644))
+    path = os.path.join(workdir, "checkout.cpio")
+    with open(path, "wb") as handle:
+        handle.write(cpio.write_newc(entries))
+    return path
+
+
 def marker_initrd(path):
     """A busybox initramfs (dynamic busybox plus its libraries) whose /init prints MARKER."""
     busybox = shutil.which("busybox") or "/bin/busybox"
@@ -173,7 +196,8 @@ def test_client_kexecs_into_served_kernel(lab):
     kernel, ramdisk = ramdisk_files()
     key = keyfile.generate_key()
     initrd = os.path.join(workdir, "ramdisk-with-key.img")
-    kexec.concat_files(initrd, [ramdisk] + ramdisk_fixups(ramdisk, workdir), cpio.key_archive(keyfile.encode_key(key)))
+    parts = [ramdisk] + ramdisk_fixups(ramdisk, workdir) + [checkout_overlay(workdir)]
+    kexec.concat_files(initrd, parts, cpio.key_archive(keyfile.encode_key(key)))
     disk = laptop_disk(workdir, kernel)
     t0 = time.monotonic()
     server = VM("server", workdir, memory=1024, netns=link.netns)
