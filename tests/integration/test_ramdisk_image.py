@@ -247,7 +247,7 @@ def test_agent_change_repacks_only_the_overlay(built, tmp_path):
         names = changed_tasks(stdout)
         assert len(names) == 2, names
         assert names[0].startswith("Pack /init, the library and the agents") and names[1].startswith("Write vmlinuz")
-        assert json.loads((OUT / "manifest.json").read_text())["agents"][-1] == "stiefel-extra"
+        assert "stiefel-extra" in json.loads((OUT / "manifest.json").read_text())["agents"]
         assert (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns == before
     finally:
         changed, stdout, took = run_playbook()  # back to the repository's agents
