@@ -287,6 +287,10 @@ def make_handler(state: ServerState, console):
         def log_message(self, format, *args):  # pylint: disable=redefined-builtin
             console.debug("http %s: %s" % (self.client_address[0], format % args))
 
+        def log_error(self, format, *args):  # pylint: disable=redefined-builtin
+            # malformed request lines, oversized headers, timeouts: hostile or broken input
+            console.drop("http %s" % self.client_address[0], (format % args)[:200])
+
         def _refuse(self, status, reason):
             console.drop("http %s" % self.client_address[0], "%s %s -> %d %s" % (
                 self.command, self.path[:100], status, reason))
@@ -389,7 +393,7 @@ def resolve_device(spec, timeout=30.0, log=stdout_log):
     while True:
         if "=" in spec and not spec.startswith("/"):
             tag = spec.split("=", 1)[0].upper()
-            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
+            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL", "PTUUID"):
                 raise ServerError("unsupported device spec %r" % spec)
             proc = subprocess.run(["blkid", "-o", "device", "-t", spec], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, check=False)

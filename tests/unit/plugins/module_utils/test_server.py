@@ -229,3 +229,18 @@ def test_payload_replay_limit(http_server):
     for _ in range(4):
         assert request(port, "GET", path)[0] == 200
     assert request(port, "GET", path)[0] == 403
+
+
+def test_malformed_http_is_logged_and_server_keeps_serving(http_server):
+    import socket
+
+    state, port, console, _unlocked = http_server
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET " + b"A" * 70000 + b" HTTP/1.0\r\n\r\n"):
+        sock = socket.create_connection(("::1", port))
+        sock.sendall(junk)
+        sock.recv(4096)
+        sock.close()
+    assert console.stream.getvalue().count("dropped input from http") >= 2
+    state.locked = False
+    offer = open_session(state)
+    assert request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))[0] == 200
