@@ -108,6 +108,7 @@ def create(args):
                              "laptop_key_path": "/etc/stiefel/key",
                              "laptop_server_disk": "/dev/vda",
                              "laptop_trigger_macs": [],
+                             "laptop_listen_macs": [LAPTOP_MAC],
                              "laptop_boot_cmdline_extra": ["systemd.swap=0", "noresume", "console=ttyS0,115200"],
                          }))
     finally:

@@ -94,10 +94,11 @@ def parse_config(raw):
         raise AutokexecError("server_cmdline must hold stiefel.role=server exactly once (has %s)"
                              % (", ".join(roles) or "none"))
     out["server_cmdline"] = cmdline
-    macs = doc.get("trigger_macs", [])
-    if not isinstance(macs, list) or not all(isinstance(m, str) and _MAC.match(m.lower()) for m in macs):
-        raise AutokexecError("trigger_macs must be a list of MAC addresses (aa:bb:cc:dd:ee:ff)")
-    out["trigger_macs"] = sorted({m.lower() for m in macs})
+    for name in ("trigger_macs", "listen_macs"):
+        macs = doc.get(name, [])
+        if not isinstance(macs, list) or not all(isinstance(m, str) and _MAC.match(m.lower()) for m in macs):
+            raise AutokexecError("%s must be a list of MAC addresses (aa:bb:cc:dd:ee:ff)" % name)
+        out[name] = sorted({m.lower() for m in macs})
     server = doc.get("server", {})
     out["server"] = server if isinstance(server, dict) else {}
     return out
@@ -110,6 +111,12 @@ def load_config(path):
     except OSError as exc:
         raise AutokexecError("cannot read autokexec config %s: %s" % (path, exc.strerror or exc)) from None
     return parse_config(raw)
+
+
+def stiefel_link_predicate(config):
+    """Which links autokexec brings up: those whose MAC the config names."""
+    macs = set(config.get("listen_macs", [])) | set(config.get("trigger_macs", []))
+    return lambda link: (link.mac or "").lower() in macs
 
 
 def already_stiefeled(proc_cmdline):
@@ -207,8 +214,11 @@ class AutokexecAgent(object):
                          "autokexec stays idle")
             return 0
         macs = set(self.config["trigger_macs"])
-        # The laptop's own network setup manages its links; autokexec only watches them.
-        self.links = LinkManager(manage=False, log=self.console)
+        # Links named in the config are stiefel links: the laptop's network
+        # manager is told to leave them alone, so autokexec brings them up
+        # itself (IPv6 link-local is all it needs). Every other link belongs
+        # to the laptop's own network setup and is only watched.
+        self.links = LinkManager(manage=stiefel_link_predicate(self.config), log=self.console)
         self.links.open()
         self.sock = discovery.open_listen_socket(self.discovery_port)
         self.console("listening for stiefel clients on UDP %d (%s), key id %s%s" % (

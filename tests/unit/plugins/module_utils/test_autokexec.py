@@ -33,10 +33,25 @@ def test_parse_config():
     {"version": 2}, {"format": "other"}, {"ramdisk_kernel": "relative"}, {"trigger_macs": ["nope"]},
     {"server_cmdline": "a\nb"}, {"version": True}, {"key_path": "k"},
     {"server_cmdline": "stiefel.disk=x"}, {"server_cmdline": "stiefel.role=server stiefel.role=client"},
+    {"listen_macs": "52:54:00:ab:cd:02"}, {"listen_macs": [1]},
 ])
 def test_parse_config_rejects(change):
     with pytest.raises(autokexec.AutokexecError):
         autokexec.parse_config(json.dumps(dict(GOOD, **change)))
+
+
+def test_only_configured_links_are_brought_up():
+    config = autokexec.parse_config(json.dumps(dict(GOOD, listen_macs=["52:54:00:AB:CD:02"])))
+    assert config["listen_macs"] == ["52:54:00:ab:cd:02"]
+    manage = autokexec.stiefel_link_predicate(config)
+
+    class Link(object):
+        def __init__(self, mac):
+            self.mac = mac
+
+    assert manage(Link("52:54:00:ab:cd:02")) and manage(Link("52:54:00:AB:CD:01"))
+    assert not manage(Link("52:54:00:ab:cd:03")) and not manage(Link(None))
+    assert autokexec.parse_config(json.dumps(GOOD))["listen_macs"] == []
 
 
 @given(st.binary(max_size=300))
