@@ -26,6 +26,7 @@ import secrets
 import select
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -129,9 +130,15 @@ class BootSource(object):
         self.manifest = None
         self.paths = None
 
-    def prepare(self, copy=False):
-        """Find the files and build the manifest; ``copy`` puts them in run_dir (so /boot can be unmounted)."""
+    def prepare(self, copy=False, extra_cmdline=""):
+        """Find the files and build the manifest; ``copy`` puts them in run_dir (so /boot can be unmounted).
+
+        ``extra_cmdline`` carries what only the server knows to the laptop's
+        NBD-root hook (the exported disk's logical block size).
+        """
         kernel, initrds, cmdline, source = find_boot_files(self.boot_dir, self.log)
+        if extra_cmdline:
+            cmdline = (cmdline + " " + extra_cmdline).strip()
         if copy:
             copied = os.path.join(self.run_dir, "laptop-vmlinuz")
             shutil.copyfile(kernel, copied)
@@ -386,6 +393,26 @@ class DualStackServer(http.server.ThreadingHTTPServer):
 
 # ------------------------------------------------------------------ block devices and mounts
 
+def logical_block_size(path):
+    """The logical sector size of a block device (its partition table uses it); 512 for an image file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return 512
+    if not stat.S_ISBLK(info.st_mode):
+        return 512
+    sysdir = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(info.st_rdev), os.minor(info.st_rdev)))
+    for candidate in (sysdir, os.path.dirname(sysdir)):  # a partition's queue is its disk's
+        try:
+            with open(os.path.join(candidate, "queue", "logical_block_size")) as handle:
+                size = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if size in (512, 1024, 2048, 4096):
+            return size
+    return 512
+
+
 def resolve_device(spec, timeout=30.0, log=stdout_log):
     """``UUID=...``/``LABEL=...``/``PARTUUID=...`` or a path -> a device path (waits for late disks)."""
     deadline = time.monotonic() + timeout
@@ -506,12 +533,22 @@ class ServerAgent(object):
     def _mount_point(self):
         return os.path.join(self.run_dir, "boot")
 
+    def hook_options(self):
+        """Options for the laptop's NBD-root hook that depend on the exported disk."""
+        if not self.disk:
+            return ""
+        try:
+            disk = resolve_device(self.disk, log=self.console)
+        except StiefelError:
+            return ""
+        return "stiefel.blocksize=%d" % logical_block_size(disk)
+
     def _load_boot(self, device):
         mountpoint = self._mount_point()
         mount_read_only(device, mountpoint)
         try:
             source = BootSource(boot_dir_of(mountpoint), self.run_dir, self.console)
-            source.prepare(copy=True)
+            source.prepare(copy=True, extra_cmdline=self.hook_options())
         finally:
             subprocess.run(["umount", mountpoint], check=False)
         return source
@@ -540,7 +577,7 @@ class ServerAgent(object):
         try:
             if self.boot_dir:
                 source = BootSource(self.boot_dir, self.run_dir, self.console)
-                source.prepare()
+                source.prepare(extra_cmdline=self.hook_options())
                 self.state.source = source
             elif self.luks_spec:
                 self.console("/boot is LUKS-encrypted: waiting for the client to send the passphrase")

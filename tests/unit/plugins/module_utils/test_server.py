@@ -77,6 +77,26 @@ def test_boot_source_concatenates_initrds(tmp_path):
     assert source.paths["kernel"].startswith(str(run))
 
 
+def test_hook_options_reach_the_manifest_cmdline(tmp_path):
+    boot = make_boot(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    manifest = source.prepare(extra_cmdline="stiefel.blocksize=512")
+    assert manifest.cmdline.endswith(" stiefel.blocksize=512")
+
+
+def test_logical_block_size(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 4096)
+    assert server.logical_block_size(str(image)) == 512
+    assert server.logical_block_size(str(tmp_path / "missing")) == 512
+    disks = [d for d in os.listdir("/sys/block") if os.path.exists("/dev/" + d)] if os.path.isdir("/sys/block") else []
+    for name in disks[:3]:
+        with open("/sys/block/%s/queue/logical_block_size" % name) as handle:
+            assert server.logical_block_size("/dev/" + name) == int(handle.read())
+
+
 @pytest.mark.parametrize("supplies, level", [
     ([], 0),
     ([{"type": "Battery", "capacity": 80, "status": "Discharging"}, {"type": "Mains", "online": 1}], 0),
