@@ -3,6 +3,7 @@
 #
 #   bash scripts/test.sh                  # everything, in this order:
 #   bash scripts/test.sh unit lint        # a subset (always in this order)
+#   bash scripts/test.sh --keep-going ... # do not stop at the first failure
 #
 # Stages (scripts/bootstrap.sh always runs first; it is quick when nothing is
 # missing):
@@ -26,10 +27,16 @@ cd "$here" || exit 1
 ALL_STAGES=(unit doc lint sanity integration molecule)
 
 usage() {
-    echo "usage: bash scripts/test.sh [stage...]   stages: ${ALL_STAGES[*]} (default: all)" >&2
+    echo "usage: bash scripts/test.sh [--keep-going] [stage...]   stages: ${ALL_STAGES[*]} (default: all)" >&2
     exit 2
 }
 
+keep_going=0
+if [ "${1:-}" = "--keep-going" ]; then
+    # developer aid: run every selected stage even after a failure
+    keep_going=1
+    shift
+fi
 selected=()
 if [ "$#" -eq 0 ]; then
     selected=("${ALL_STAGES[@]}")
@@ -247,14 +254,18 @@ for stage in bootstrap "${selected[@]}"; do
     summary_rows+=("$(printf '%-12s %-6s %9s  %s' "$stage" "$result" "$secs" "$stage_note")")
     printf '== %s: %s in %ss %s\n' "$stage" "$result" "$secs" "${stage_note:+($stage_note)}"
     if [ "$result" = FAIL ]; then
-        failed_stage=$stage
-        break
+        failed_stage="${failed_stage:+$failed_stage, }$stage"
+        [ "$keep_going" -eq 1 ] || break
     fi
 done
 
 print_summary
 if [ -n "$failed_stage" ]; then
-    echo "test.sh: FAILED at stage '$failed_stage' (later stages not run)"
+    if [ "$keep_going" -eq 1 ]; then
+        echo "test.sh: FAILED stage(s): $failed_stage"
+    else
+        echo "test.sh: FAILED at stage '$failed_stage' (later stages not run)"
+    fi
     echo "$total_passed passed, $total_failed failed"
     exit 1
 fi
