@@ -175,6 +175,7 @@ def boot(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port):
     combined = os.path.join(workdir, "initrd-%s.img" % tag)
     with open(combined, "wb") as out, open(initrd, "rb") as base:
         shutil.copyfileobj(base, out)
+        out.write(b"\0" * (-out.tell() % 4))  # as kexec.py does: each archive starts 4-aligned
         out.write(psk_cpio)
     console = os.path.join(workdir, "console-%s.log" % tag)
     append = ("console=ttyS0 root=UUID=%s ro stiefel.mac=%s stiefel.server=%s stiefel.port=%d "
