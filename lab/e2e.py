@@ -36,7 +36,8 @@ STAGES = [
     ("desktop power-on", "desktop", None),
     ("client ramdisk up", "desktop", r"stiefel-ramdisk: starting role=client"),
     ("discovery started", "desktop", r"stiefel-client: discovery started"),
-    ("autokexec triggered", "laptop", r"stiefel-autokexec: .*kexec"),
+    ("laptop OS answered", "desktop", r"stiefel-client: laptop OS at .* offers autokexec"),
+    ("autokexec acknowledged", "desktop", r"stiefel-client: laptop .* acknowledged"),
     ("server ramdisk up", "laptop", r"stiefel-ramdisk: starting role=server"),
     ("server ready", "laptop", r"stiefel-server: ready"),
     ("payload verified", "desktop", r"stiefel-client: payload verified"),
@@ -110,6 +111,7 @@ def create(args):
                              "laptop_trigger_macs": [],
                              "laptop_listen_macs": [LAPTOP_MAC],
                              "laptop_boot_cmdline_extra": ["systemd.swap=0", "noresume", "console=ttyS0,115200"],
+                             "laptop_server_cmdline_extra": ["console=ttyS0,115200"],
                          }))
     finally:
         umount_all(mounts)
