@@ -230,7 +230,7 @@ def test_server_and_client(world):
     assert _sha(os.path.join(run_dir, "payload", "initrd")) == _sha(os.path.join(boot, "initrd.img-6.1.0-test"))
     assert got["kernel"]["sha256"] == _sha(os.path.join(boot, "vmlinuz-6.1.0-test"))
     cmdline = manifest["kexec_cmdline"]
-    assert cmdline.startswith("root=UUID=1234-abcd ro quiet stiefel.mac=")
+    assert cmdline.startswith("root=UUID=1234-abcd ro quiet stiefel.blocksize=512 stiefel.mac=")
     assert "stiefel.server=fe80::" in cmdline and "stiefel.tls=psk" in cmdline
     assert "stiefel.port=10809" in cmdline and "stiefel.export=stiefel" in cmdline
 
