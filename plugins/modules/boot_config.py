@@ -17,7 +17,8 @@ description:
     (C(plugins/module_utils/bootconfig.py)), see its docstring for the format.
   - Fails, changing nothing, when the boot layout is not understood.
 version_added: "0.1.0"
-author: stiefel.system contributors
+author:
+  - stiefel.system developers (@stiefel-system)
 options:
   path:
     description: Where to write the boot config (in the target system).

@@ -21,7 +21,7 @@ description:
     (an HKDF-derived identifier, not a hash of the key).
   - Rotating the key makes every USB stick and ramdisk made with the old key useless.
 author:
-  - stiefel.system developers
+  - stiefel.system developers (@stiefel-system)
 options:
   path:
     description:
@@ -44,8 +44,10 @@ extends_documentation_fragment:
   - ansible.builtin.files
 attributes:
   check_mode:
+    description: A dry run that reports whether a key would be created or replaced and writes nothing.
     support: full
   diff_mode:
+    description: Shows the key id (never the key) before and after, or V(absent) / V(invalid key file).
     support: full
 notes:
   - O(mode) defaults to V(0600). A mode that lets group or others read the key is refused.

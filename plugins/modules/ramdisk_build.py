@@ -23,7 +23,8 @@ description:
     O(mirror) and O(suite) are given.
   - Each stage writes the output of the tools it runs to C(<output_dir>/logs/<stage>.log).
 version_added: "0.1.0"
-author: stiefel.system developers
+author:
+  - stiefel.system developers (@stiefel-system)
 options:
   step:
     description: The stage to run.
