@@ -399,7 +399,7 @@ def _in_root(root, path):
 def _resolve_in_root(root, path, hops=20):
     """Follow symlinks of the absolute in-root *path* inside *root*; return the in-root path or None."""
     path = os.path.normpath('/' + path.lstrip('/'))
-    for _ in range(hops):
+    for _hop in range(hops):
         full = _in_root(root, path)
         if os.path.islink(full):
             target = os.readlink(full)
@@ -706,7 +706,7 @@ def find_whole_disk(spec, dev_root='/dev', sys_root='/sys'):
     if not os.path.exists(dev):
         return None
     name = os.path.basename(os.path.realpath(dev))
-    for _ in range(8):
+    for _level in range(8):
         block = os.path.join(sys_root, 'class/block', name)
         if not os.path.exists(block):
             return None

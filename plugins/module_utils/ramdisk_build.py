@@ -290,7 +290,7 @@ def parse_modules_dep(text):
     for line in text.splitlines():
         if ":" not in line:
             continue
-        mod, _, rest = line.partition(":")
+        mod, _sep, rest = line.partition(":")
         mod = mod.strip()
         if not mod:
             continue
@@ -516,7 +516,10 @@ def missing_libraries(root, lib_dirs=("usr/lib/x86_64-linux-gnu", "usr/lib", "us
     missing = {}
     for i in range(0, len(elves), 200):
         batch = elves[i:i + 200]
-        out = subprocess.run(["readelf", "-d", "-W"] + batch, capture_output=True, text=True).stdout
+        # check=False: readelf exits non-zero when one file of the batch is odd,
+        # yet still prints the sections of the others
+        out = subprocess.run(["readelf", "-d", "-W"] + batch, capture_output=True, text=True,
+                             check=False).stdout
         for path, (_soname, needed) in parse_readelf_dynamic(out).items():
             for lib in needed:
                 if lib not in available:
