@@ -116,7 +116,7 @@ def fixture_initrd():
     """A busybox initrd (uncompressed newc, written with our cpio module) whose /init reports the key."""
     path = os.path.join(FIXTURE, "initrd-fixture.img")
     entries = [cpio.CpioEntry.directory(d) for d in ("bin", "lib", "lib64", "lib/x86_64-linux-gnu",
-                                                        "etc", "proc", "sys", "dev")]
+                                                     "etc", "proc", "sys", "dev")]
     with open("/usr/bin/busybox", "rb") as handle:
         entries.append(cpio.CpioEntry.file("bin/busybox", handle.read(), 0o755))
     for lib in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libresolv.so.2",

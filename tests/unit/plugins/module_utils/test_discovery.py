@@ -25,7 +25,9 @@ class Clock(object):
 
 
 def server_responder(clock=None):
-    fields = lambda: {"role": messages.ROLE_SERVER, "http_port": 61571, "nbd_port": 10809, "export_name": "stiefel"}
+    def fields():
+        return {"role": messages.ROLE_SERVER, "http_port": 61571, "nbd_port": 10809, "export_name": "stiefel"}
+
     return discovery.Responder(KEY, fields, clock=clock or Clock())
 
 

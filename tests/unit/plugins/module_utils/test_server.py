@@ -57,7 +57,7 @@ def test_grub_fallback_with_boot_prefix(tmp_path):
 def test_invalid_config_falls_back_and_escape_refused(tmp_path):
     boot = make_boot(tmp_path, config=False)
     (boot / "stiefel" / "boot.json").write_text('{"format": "stiefel-boot-config", "version": 1, "kernel": '
-                                                 '"../../etc/passwd", "initrd": ["x"], "cmdline": "a", "root": "b"}')
+                                                '"../../etc/passwd", "initrd": ["x"], "cmdline": "a", "root": "b"}')
     with pytest.raises(server.ServerError, match="no boot config"):
         server.find_boot_files(str(boot), log=lambda s: None)
 
