@@ -16,8 +16,17 @@ DEFAULT_KEY_PATH = "/etc/stiefel/key"
 RUN_DIR = "/run/stiefel"
 
 
+def quiet_log(text: str) -> None:
+    """The default ``log`` of the library's agent code: drops the line.
+
+    A library must not write to stdout on its own (an Ansible module's stdout
+    is its JSON result); the agents pass their ``Console`` (or ``stdout_log``)
+    explicitly.
+    """
+
+
 def stdout_log(text: str) -> None:
-    """The default ``log`` of the library's agent code: one line on stdout (the console in the ramdisk)."""
+    """One line on stdout (the console in the ramdisk), for agents that want a plain print."""
     try:
         sys.stdout.write("%s\n" % text)
         sys.stdout.flush()

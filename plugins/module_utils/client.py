@@ -23,7 +23,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyschedule, messages
 from ansible_collections.stiefel.system.plugins.module_utils import payload
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, stdout_log, strip_stiefel_options
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, quiet_log, stdout_log, strip_stiefel_options
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 
 DISCOVER_INTERVAL = 2.0
@@ -77,7 +77,7 @@ def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
         conn.close()
 
 
-def fetch_payload(key, offer, ifname, dest_dir, log=stdout_log, timeout=HTTP_TIMEOUT):
+def fetch_payload(key, offer, ifname, dest_dir, log=quiet_log, timeout=HTTP_TIMEOUT):
     """GET the payload for ``offer`` and verify it into ``dest_dir``; return the manifest."""
     conn = _connect(offer, ifname, timeout)
     try:

@@ -21,7 +21,7 @@ import os
 import shlex
 import subprocess
 
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import stdout_log
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
 KEXEC = "kexec"
@@ -55,7 +55,7 @@ def format_argv(argv) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=stdout_log,
+def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=quiet_log,
          kexec: str = KEXEC, dry_run: bool = False) -> list:
     """Load ``kernel`` for kexec; return the argv that succeeded.
 
@@ -84,7 +84,7 @@ def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=
     raise KexecError("kexec could not load %s: %s" % (kernel, "; ".join(errors)))
 
 
-def execute(run=subprocess.run, log=stdout_log, kexec: str = KEXEC, dry_run: bool = False) -> None:
+def execute(run=subprocess.run, log=quiet_log, kexec: str = KEXEC, dry_run: bool = False) -> None:
     """Jump into the loaded kernel. Returns only in dry-run mode; raises when kexec -e fails."""
     argv = exec_argv(kexec)
     if dry_run:
@@ -95,7 +95,7 @@ def execute(run=subprocess.run, log=stdout_log, kexec: str = KEXEC, dry_run: boo
     raise KexecError("kexec -e returned (rc=%d): %s" % (proc.returncode, output[-500:]))
 
 
-def load_and_execute(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=stdout_log,
+def load_and_execute(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=quiet_log,
                      kexec: str = KEXEC, dry_run: bool = False) -> None:
     load(kernel, initrd, cmdline, run=run, log=log, kexec=kexec, dry_run=dry_run)
     if not dry_run:

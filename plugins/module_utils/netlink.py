@@ -35,7 +35,7 @@ except ImportError:
     HAS_PYROUTE2 = False
     PYROUTE2_IMPORT_ERROR = traceback.format_exc()
 
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import stdout_log
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
 IFF_UP = 0x1
@@ -170,7 +170,7 @@ class LinkManager(object):
     netlink side (``start``/``process``) feeds it and performs the actions.
     """
 
-    def __init__(self, mtu=None, manage=True, log=stdout_log, ipr_factory=None, events_factory=None):
+    def __init__(self, mtu=None, manage=True, log=quiet_log, ipr_factory=None, events_factory=None):
         """``manage``: True (every non-loopback link), False, or a callable(Link) -> bool."""
         self.mtu = parse_mtu(mtu)
         self.manage = manage

@@ -33,7 +33,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import bootconfig, discovery, keyschedule, messages
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export, payload
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, beep, stdout_log
+from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, beep, quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 
 DEFAULT_HTTP_PORT = 61571
@@ -73,7 +73,7 @@ def _resolve_loader_path(boot_dir, path):
     return None
 
 
-def find_boot_files(boot_dir, log=stdout_log):
+def find_boot_files(boot_dir, log=quiet_log):
     """``(kernel_path, [initrd paths], cmdline, source)`` of what the laptop boots.
 
     ``boot_dir`` is the content of the laptop's /boot (a separate /boot
@@ -123,7 +123,7 @@ def find_boot_files(boot_dir, log=stdout_log):
 class BootSource(object):
     """The payload files and their manifest, prepared once per /boot."""
 
-    def __init__(self, boot_dir, run_dir, log=stdout_log):
+    def __init__(self, boot_dir, run_dir, log=quiet_log):
         self.boot_dir = boot_dir
         self.run_dir = run_dir
         self.log = log
@@ -203,7 +203,7 @@ def power_warning(supplies, low=LOW_BATTERY):
 class ServerState(object):
     """Everything the discovery loop and the HTTP threads share (behind one lock)."""
 
-    def __init__(self, key, run_dir, http_port, nbd_port, export_name, needs_unlock=False, log=stdout_log,
+    def __init__(self, key, run_dir, http_port, nbd_port, export_name, needs_unlock=False, log=quiet_log,
                  clock=time.monotonic):
         self.key = key
         self.run_dir = run_dir
@@ -413,7 +413,7 @@ def logical_block_size(path):
     return 512
 
 
-def resolve_device(spec, timeout=30.0, log=stdout_log):
+def resolve_device(spec, timeout=30.0, log=quiet_log):
     """``UUID=...``/``LABEL=...``/``PARTUUID=...`` or a path -> a device path (waits for late disks)."""
     deadline = time.monotonic() + timeout
     announced = False
