@@ -11,7 +11,8 @@ uuid=$2
 work=${3:-$(mktemp -d)}
 mac=52:54:00:12:34:56
 port=$((20000 + $$ % 10000))
-kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -n1)
+kernel=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n1)
+[ -n "$kernel" ] || { echo "boot-hook-qemu: no $root/boot/vmlinuz-*" >&2; exit 1; }
 initrd="$root/boot/initrd.img-${kernel##*/vmlinuz-}"
 start=$(date +%s)
 echo "boot-hook-qemu: disk image (GPT, ext4 UUID=$uuid)"
