@@ -249,7 +249,7 @@ def test_root_over_tls_psk(boot_files, lab, tmp_path):
     text = boot(lab, kernel, initrd, archive, str(tmp_path), "good", root_uuid, port)
     assert "stiefel-nbd: attached /dev/nbd0" in text, text[-3000:]
     assert "EXT4-fs (nbd0p1): mounted filesystem" in text, text[-3000:]
-    assert "TLS proxy pid" in text and "@nbdkit -f -U /run/stiefel-nbd.sock nbd socket-fd=3" in text
+    assert "TLS proxy pid" in text and "@nbdkit --log=stderr -P /run/stiefel-nbdkit.pid -U /run/stiefel-nbd.sock nbd socket-fd=3" in text
     ciphers = nbd_export.parse_tls_session_cipher(open(server_log).read())
     log("server TLS sessions: %s" % ciphers)
     assert ciphers and set(ciphers) <= nbd_export.AES_GCM_CIPHERS
