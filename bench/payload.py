@@ -13,7 +13,9 @@ baseline, and ``receive_payload`` from a tmpfs file (no network) shows the
 receiver's own CPU ceiling on this machine (on a 2-core host, sender,
 receiver and the shaped veth share the CPUs; real peers do not). Prints a table; never fails (a measurement, not a test).
 
-    sudo .venv/bin/python bench/payload.py [--sizes 50,200] [--rate-mbit 2500]
+    sudo .venv/bin/python bench/payload.py [--sizes 50,200] [--rate-mbit 2500] [--output PATH]
+
+Also writes the rows as JSON to ``$STIEFEL_CACHE_DIR/bench/payload.json`` (or --output).
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ def main():
     parser.add_argument("--local", action="store_true", help="receiver: read the stream from a file (CPU only)")
     parser.add_argument("--sizes", default="50,200", help="payload sizes in MB")
     parser.add_argument("--rate-mbit", type=int, default=2500)
+    parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/payload.json)")
     args = parser.parse_args()
     if args.role == "sender":
         return role_sender(args)
@@ -221,6 +224,7 @@ def main():
         return 0
     ceiling = CEILING_2500 * args.rate_mbit / 2500.0
     key = keyfile.generate_key()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     work = tempfile.mkdtemp(prefix="stf-bench-payload-", dir="/dev/shm")
     rows = []
     try:
@@ -254,6 +258,19 @@ def main():
         print("%-8s %-22s %10.1f %9.1f%% %10.2f %11.1f MB %11.1f MB" % (
             "%d MB" % size_mb, path, rate, 100 * rate / ceiling, r["seconds"], r["rss_before_kb"] / 1024,
             r["rss_peak_kb"] / 1024))
+    out_path = args.output or os.path.join(os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache"),
+                                           "bench", "payload.json")
+    results = {"started": started, "rate_mbit": args.rate_mbit, "ceiling_MBps": ceiling, "rows": []}
+    for size_mb, path, r in rows:
+        row = dict(r, size_mb=size_mb, path=path)
+        if "error" not in r:
+            row["MBps"] = r["bytes"] / 1e6 / r["seconds"]
+            row["ratio"] = row["MBps"] / ceiling
+        results["rows"].append(row)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as handle:
+        handle.write(json.dumps(results, indent=1) + "\n")
+    print("saved %s" % out_path, flush=True)
     return 0
 
 
