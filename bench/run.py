@@ -1,0 +1,356 @@
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Run every stiefel benchmark, print one table of ratios against the targets (issue 7).
+
+    sudo .venv/bin/python bench/run.py [--quick] [--only nbd,payload,image] [--skip-cold]
+                                       [--chart docs/bench.png] [--collect-only]
+
+Runs ``nbd_throughput.py``, ``payload.py`` and ``image.py`` one after the other
+(each prints its own progress and table), collects their JSON from
+``$STIEFEL_CACHE_DIR/bench/`` (default ``<repo>/.cache/bench/``) into
+``summary.json`` together with the date, the options and the machine facts
+(cores, load average before and after each benchmark: shared build machines are
+often busy, so the load is printed next to the numbers), prints one table with
+every number next to its target (met / missed), and with ``--chart`` renders a
+PNG bar chart with matplotlib (Agg backend).
+
+Benchmarks measure; they never fail: a benchmark that crashes or cannot run is
+reported in the table and the exit status is still 0. Only usage errors exit 2.
+``--collect-only`` skips running and rebuilds summary, table and chart from the
+JSON files already in the cache directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BENCHES = ("nbd", "payload", "image")
+SCRIPTS = {"nbd": "nbd_throughput.py", "payload": "payload.py", "image": "image.py"}
+NEEDS_ROOT = {"nbd", "payload"}
+
+# targets from issue 7
+TARGET_NBD = 0.93            # fraction of the TCP payload ceiling
+TARGET_PAYLOAD = 0.90        # fraction of the TCP payload ceiling
+TARGET_INITRD_BYTES = 60e6   # compressed initrd
+TARGET_COLD_S = 300.0        # cold build
+TARGET_UNCHANGED_S = 30.0    # unchanged rebuild
+# configurations the NBD target is about; the others are for comparison
+NBD_STIEFEL = ("nbdkit", "nbdkit TLS")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
+
+
+def loadavg() -> list:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return [float("nan")] * 3
+
+
+def log(msg: str) -> None:
+    print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def bench_argv(name: str, args: argparse.Namespace, out: Path) -> list:
+    argv = [sys.executable, str(HERE / SCRIPTS[name]), "--output", str(out)]
+    if name == "nbd" and args.quick:
+        argv.append("--quick")
+    if name == "image" and args.skip_cold:
+        argv.append("--skip-cold")
+    return argv
+
+
+def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
+    """Run one benchmark script (its output goes straight to the terminal); never raises."""
+    info = {"script": SCRIPTS[name], "load_start": loadavg()}
+    if name in NEEDS_ROOT and os.geteuid() != 0:
+        info.update(status="skipped", reason="needs root (network namespaces)")
+        return info
+    argv = bench_argv(name, args, out)
+    info["argv"] = argv[1:]
+    started_wall = time.time()
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, cwd=REPO, check=False)
+        info["rc"] = proc.returncode
+    except (OSError, KeyboardInterrupt) as exc:
+        info["rc"] = None
+        info["reason"] = "%s: %s" % (type(exc).__name__, exc)
+    info["seconds"] = round(time.monotonic() - started, 1)
+    info["load_end"] = loadavg()
+    fresh = out.exists() and out.stat().st_mtime >= started_wall - 1
+    if info["rc"] == 0 and fresh:
+        info["status"] = "ok"
+    else:
+        info["status"] = "failed"
+        info.setdefault("reason", "exit status %s%s" % (info["rc"], "" if fresh else ", no fresh JSON"))
+    return info
+
+
+def load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ the table
+
+def status(ok) -> str:
+    if ok is None:
+        return ""
+    return "met" if ok else "MISSED"
+
+
+def pct(x) -> str:
+    return "%.1f %%" % (100 * x)
+
+
+def nbd_rows(data: dict) -> list:
+    rows = []
+    for rate, cal in data.get("calibration", {}).items():
+        rows.append(("nbd", "%s raw TCP through the shaper (calibration)" % rate, pct(cal["raw_tcp_ratio"]),
+                     "", "", None))
+    for run in data.get("runs", []):
+        stiefel = run["server"] in NBD_STIEFEL
+        rows.append(("nbd", "%-6s %-18s %-5s C=%d" % (run["rate"], run["server"], run["direction"],
+                                                   run["connections"]),
+                     pct(run["ratio"]), ">= %.0f %%" % (100 * TARGET_NBD), "" if stiefel else "comparison",
+                     run["ratio"] >= TARGET_NBD if stiefel else None))
+    return rows
+
+
+def payload_rows(data: dict) -> list:
+    rows = []
+    for row in data.get("rows", []):
+        label = "%d MB %s" % (row["size_mb"], row["path"])
+        if "error" in row:
+            rows.append(("payload", label, "error", "", row["error"][-60:], False))
+            continue
+        stiefel = row["path"] == "iter/receive_payload"
+        rows.append(("payload", label, pct(row["ratio"]), ">= %.0f %%" % (100 * TARGET_PAYLOAD) if stiefel else "",
+                     "%.1f MB/s" % row["MBps"] if stiefel else "reference",
+                     row["ratio"] >= TARGET_PAYLOAD if stiefel else None))
+    peaks = {row["size_mb"]: row["rss_peak_kb"] for row in data.get("rows", [])
+             if row.get("path") == "iter/receive_payload" and "rss_peak_kb" in row}
+    for size_mb, kb in sorted(peaks.items()):
+        rows.append(("payload", "%d MB receiver peak RSS" % size_mb, "%.1f MB" % (kb / 1024), "", "", None))
+    if len(peaks) >= 2:
+        small, large = min(peaks), max(peaks)
+        growth = (peaks[large] - peaks[small]) / 1024
+        rows.append(("payload", "peak RSS growth %d -> %d MB payload" % (small, large), "%+.1f MB" % growth,
+                     "bounded", "", abs(growth) < 0.1 * (large - small)))
+    return rows
+
+
+def image_rows(data: dict) -> list:
+    rows = []
+    if "initrd_bytes" in data:
+        rows.append(("image", "initrd compressed (%s)" % data.get("compression", "?"),
+                     "%.1f MB" % (data["initrd_bytes"] / 1e6), "<= %.0f MB" % (TARGET_INITRD_BYTES / 1e6), "",
+                     data["initrd_bytes"] <= TARGET_INITRD_BYTES))
+        rows.append(("image", "initrd uncompressed", "%.1f MB" % (data["initrd_uncompressed_bytes"] / 1e6), "",
+                     "%s of %s modules" % (data.get("modules_kept"), data.get("modules_total")), None))
+        rows.append(("image", "kernel (vmlinuz)", "%.1f MB" % (data["kernel_bytes"] / 1e6), "", "", None))
+    if "cold_build_s" in data:
+        rows.append(("image", "cold build", "%.1f s" % data["cold_build_s"], "<= %.0f min" % (TARGET_COLD_S / 60),
+                     "carried over" if data.get("cold_build_carried_over") else "",
+                     data["cold_build_s"] <= TARGET_COLD_S))
+    if "unchanged_rebuild_s" in data:
+        rows.append(("image", "unchanged rebuild", "%.1f s" % data["unchanged_rebuild_s"],
+                     "<= %.0f s" % TARGET_UNCHANGED_S, "", data["unchanged_rebuild_s"] <= TARGET_UNCHANGED_S))
+    if "overlay_rebuild_s" in data:
+        rows.append(("image", "overlay-only rebuild", "%.1f s" % data["overlay_rebuild_s"], "", "", None))
+    for key, label in (("init", "TCG boot to /init"), ("agent", "TCG boot to agent start")):
+        if key in data.get("boot", {}):
+            rows.append(("image", label, "%.1f s" % data["boot"][key], "", "QEMU TCG, no KVM", None))
+    return rows
+
+
+def build_rows(summary: dict) -> list:
+    rows = []
+    makers = {"nbd": nbd_rows, "payload": payload_rows, "image": image_rows}
+    for name in BENCHES:
+        bench = summary["benchmarks"].get(name)
+        if bench is None:
+            continue
+        if bench.get("data") is None:
+            rows.append((name, "(no result: %s)" % bench.get("reason", bench.get("status")), "", "", "", None))
+            continue
+        rows.extend(makers[name](bench["data"]))
+    return rows
+
+
+def fmt_load(values) -> str:
+    return "/".join("%.1f" % v for v in values) if values else "?"
+
+
+def print_table(summary: dict, rows: list) -> None:
+    print()
+    print("stiefel benchmarks, %s, %s, %d cores, options: %s" % (
+        summary["date"], summary["host"], summary["cores"], summary["options"] or "(none)"))
+    print("load average (1/5/15 min): %s at start, %s at end" % (fmt_load(summary["load_start"]),
+                                                                fmt_load(summary["load_end"])))
+    widths = [7, max([len(r[1]) for r in rows] + [11]), 9, 9, 6]
+    head = ("bench", "measurement", "value", "target", "status")
+    line = "  ".join("%-*s" % (w, h) for w, h in zip(widths, head)) + "  note"
+    print(line)
+    print("-" * len(line))
+    current = None
+    for group, label, value, target, note, ok in rows:
+        if group != current:
+            current = group
+            bench = summary["benchmarks"].get(group, {})
+            if bench.get("load_start"):
+                print("[%s: %s, %s s, load %s -> %s%s]" % (
+                    group, bench.get("status", "?"), bench.get("seconds", "?"), fmt_load(bench["load_start"]),
+                    fmt_load(bench.get("load_end")), ", from an earlier run" if bench.get("collected_only") else ""))
+        print("  ".join(["%-*s" % (widths[0], group), "%-*s" % (widths[1], label), "%*s" % (widths[2], value),
+                         "%-*s" % (widths[3], target), "%-*s" % (widths[4], status(ok))]) + "  " + note)
+    met = sum(1 for r in rows if r[5] is True)
+    missed = sum(1 for r in rows if r[5] is False)
+    print("targets: %d met, %d missed (benchmarks measure; nothing here fails a run)" % (met, missed))
+
+
+# ------------------------------------------------------------------ the chart
+
+def render_chart(summary: dict, path: Path) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    groups = []  # (label, [(bar label, ratio)], target)
+    nbd = (summary["benchmarks"].get("nbd") or {}).get("data") or {}
+    cells = {}
+    for run in nbd.get("runs", []):
+        cells.setdefault((run["rate"], run["server"]), []).append(
+            ("%s C%d" % (run["direction"], run["connections"]), run["ratio"]))
+    for (rate, server), bars in cells.items():
+        groups.append(("%s\n%s" % (rate, server), bars, TARGET_NBD))
+    pay = (summary["benchmarks"].get("payload") or {}).get("data") or {}
+    pbars = {}
+    for row in pay.get("rows", []):
+        if "ratio" in row and row["path"] in ("iter/receive_payload", "plain TCP copy"):
+            pbars.setdefault(row["size_mb"], []).append(
+                ("payload" if row["path"] == "iter/receive_payload" else "plain TCP", row["ratio"]))
+    for size_mb, bars in sorted(pbars.items()):
+        groups.append(("2.5GbE\npayload %d MB" % size_mb, bars, TARGET_PAYLOAD))
+    if not groups:
+        log("chart: no NBD or payload numbers, nothing drawn")
+        return
+    colours = {"read C1": "#4c72b0", "read C4": "#8fb0e0", "write C1": "#dd8452", "write C4": "#f2c09a",
+               "payload": "#55a868", "plain TCP": "#b5d9b9"}
+    fig, ax = plt.subplots(figsize=(11, 4.6), dpi=90)
+    x = 0.0
+    ticks, labels, seen = [], [], set()
+    width = 0.2
+    for label, bars, target in groups:
+        start = x
+        for name, ratio in bars:
+            ax.bar(x, 100 * ratio, width, color=colours.get(name, "#999999"),
+                   label=name if name not in seen else None, edgecolor="white", linewidth=0.5)
+            seen.add(name)
+            x += width
+        ax.hlines(100 * target, start - width / 2, x - width / 2, colors="#c44e52", linewidth=1.6,
+                  label=None if "target" in seen else "target")
+        seen.add("target")
+        ticks.append((start + x - width) / 2)
+        labels.append(label)
+        x += width * 1.2
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("% of TCP payload ceiling (MTU 1500)")
+    ax.set_ylim(0, 110)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    size = nbd.get("size_bytes")
+    ax.set_title("stiefel benchmarks %s: NBD%s and boot payload vs shaped line rate "
+                 "(targets: NBD 93 %%, payload 90 %%)"
+                 % (summary["date"][:10], " %d MiB" % (size >> 20) if size else ""), fontsize=10)
+    fig.text(0.99, 0.01, "%d cores, load %s -> %s, options: %s" % (
+        summary["cores"], fmt_load(summary["load_start"]), fmt_load(summary["load_end"]),
+        summary["options"] or "(none)"), ha="right", fontsize=7, color="#555555")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    log("chart: %s (%d bytes)" % (path, path.stat().st_size))
+
+
+# ------------------------------------------------------------------ main
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--quick", action="store_true", help="passed to nbd_throughput.py (256 MiB instead of 1 GiB)")
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma list of: %s" % ", ".join(BENCHES))
+    parser.add_argument("--skip-cold", action="store_true", help="image.py: reuse the last cold build")
+    parser.add_argument("--chart", default=None, help="write a PNG bar chart here (e.g. docs/bench.png)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="do not run anything: summarise the JSON already in the cache directory")
+    args = parser.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(BENCHES))
+    if unknown or not only:
+        parser.error("--only: unknown benchmark(s) %s; choose from %s" % (", ".join(unknown) or "(none)",
+                                                                         ", ".join(BENCHES)))
+    args.only = [b for b in BENCHES if b in only]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = cache_dir() / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = " ".join(o for o, on in (("--quick", args.quick), ("--skip-cold", args.skip_cold),
+                                        ("--collect-only", args.collect_only)) if on)
+    if args.only != list(BENCHES):
+        options = (options + " --only " + ",".join(args.only)).strip()
+    summary = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+               "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+               "options": options, "load_start": loadavg(), "benchmarks": {}}
+    started = time.monotonic()
+    for i, name in enumerate(args.only, 1):
+        out = out_dir / ("%s.json" % name)
+        if args.collect_only:
+            info = {"status": "collected", "collected_only": True}
+        else:
+            log("benchmark %d/%d: %s (load %s)" % (i, len(args.only), name, fmt_load(loadavg())))
+            info = run_one(name, args, out)
+            log("benchmark %d/%d: %s %s in %s s" % (i, len(args.only), name, info["status"],
+                                                   info.get("seconds", 0)))
+        data = load_json(out) if info["status"] in ("ok", "collected") else None
+        if data is None and info["status"] == "collected":
+            info.update(status="missing", reason="no %s" % out)
+        info["data"] = data
+        summary["benchmarks"][name] = info
+    summary["load_end"] = loadavg()
+    summary["seconds_total"] = round(time.monotonic() - started, 1)
+    rows = build_rows(summary)
+    summary["table"] = [{"bench": r[0], "measurement": " ".join(r[1].split()), "value": r[2], "target": r[3],
+                         "note": r[4], "met": r[5]} for r in rows]
+    print_table(summary, rows)
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    log("saved %s (%.0f s total)" % (path, summary["seconds_total"]))
+    if args.chart:
+        try:
+            render_chart(summary, Path(args.chart))
+        except Exception as exc:  # pylint: disable=broad-except  # a chart never fails the run
+            log("chart failed: %s: %s" % (type(exc).__name__, exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
