@@ -36,6 +36,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ansible_collections.stiefel.system.plugins.module_utils import kexec
+
 FORMAT_VERSION = 1
 LIBRARY_DEST = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
 AGENTS_DEST = "usr/lib/stiefel/agents"
@@ -822,10 +824,11 @@ class RamdiskBuilder:
         initrd = os.path.join(self.out, "initrd.img")
         kernel = os.path.join(self.out, "vmlinuz")
         tmp = initrd + ".tmp"
-        with open(tmp, "wb") as dst:
-            for part in (self.base_archive, self.overlay_archive):
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+        size = kexec.concat_files(tmp, [self.base_archive, self.overlay_archive], mode=0o644)
+        with open(tmp, "ab") as dst:
+            # Bootloaders append the key archive right after this file (systemd-boot
+            # without padding); the kernel only finds a cpio on a 4-byte boundary.
+            dst.write(b"\0" * ((4 - size % 4) % 4))
         os.replace(tmp, initrd)
         shutil.copyfile(os.path.join(self.base_dir, "vmlinuz"), kernel + ".tmp")
         os.replace(kernel + ".tmp", kernel)
