@@ -67,7 +67,7 @@ def role_sender(args):
     listener.bind(("::", PORT))
     listener.listen(1)
     print("listening", flush=True)
-    conn, _ = listener.accept()
+    conn = listener.accept()[0]
     if args.plain:
         for path in (args.kernel, args.initrd):
             with open(path, "rb") as handle:

@@ -126,8 +126,8 @@ def nbd_rows(data: dict) -> list:
                      "", "", None))
     for run in data.get("runs", []):
         stiefel = run["server"] in NBD_STIEFEL
-        rows.append(("nbd", "%-6s %-18s %-5s C=%d" % (run["rate"], run["server"], run["direction"],
-                                                   run["connections"]),
+        label = "%-6s %-18s %-5s C=%d" % (run["rate"], run["server"], run["direction"], run["connections"])
+        rows.append(("nbd", label,
                      pct(run["ratio"]), ">= %.0f %%" % (100 * TARGET_NBD), "" if stiefel else "comparison",
                      run["ratio"] >= TARGET_NBD if stiefel else None))
     return rows
@@ -202,8 +202,8 @@ def print_table(summary: dict, rows: list) -> None:
     print()
     print("stiefel benchmarks, %s, %s, %d cores, options: %s" % (
         summary["date"], summary["host"], summary["cores"], summary["options"] or "(none)"))
-    print("load average (1/5/15 min): %s at start, %s at end" % (fmt_load(summary["load_start"]),
-                                                                fmt_load(summary["load_end"])))
+    print("load average (1/5/15 min): %s at start, %s at end"
+          % (fmt_load(summary["load_start"]), fmt_load(summary["load_end"])))
     widths = [7, max([len(r[1]) for r in rows] + [11]), 9, 9, 6]
     head = ("bench", "measurement", "value", "target", "status")
     line = "  ".join("%-*s" % (w, h) for w, h in zip(widths, head)) + "  note"
@@ -304,8 +304,8 @@ def parse_args(argv):
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only) - set(BENCHES))
     if unknown or not only:
-        parser.error("--only: unknown benchmark(s) %s; choose from %s" % (", ".join(unknown) or "(none)",
-                                                                         ", ".join(BENCHES)))
+        parser.error("--only: unknown benchmark(s) %s; choose from %s"
+                     % (", ".join(unknown) or "(none)", ", ".join(BENCHES)))
     args.only = [b for b in BENCHES if b in only]
     return args
 
@@ -314,8 +314,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = cache_dir() / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = " ".join(o for o, on in (("--quick", args.quick), ("--skip-cold", args.skip_cold),
-                                        ("--collect-only", args.collect_only)) if on)
+    flags = (("--quick", args.quick), ("--skip-cold", args.skip_cold), ("--collect-only", args.collect_only))
+    options = " ".join(flag for flag, on in flags if on)
     if args.only != list(BENCHES):
         options = (options + " --only " + ",".join(args.only)).strip()
     summary = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
@@ -336,8 +336,8 @@ def main(argv=None) -> int:
         else:
             log("benchmark %d/%d: %s (load %s)" % (i, len(args.only), name, fmt_load(loadavg())))
             info = run_one(name, args, out)
-            log("benchmark %d/%d: %s %s in %s s" % (i, len(args.only), name, info["status"],
-                                                   info.get("seconds", 0)))
+            log("benchmark %d/%d: %s %s in %s s"
+                % (i, len(args.only), name, info["status"], info.get("seconds", 0)))
         data = load_json(out) if info["status"] in ("ok", "collected") else None
         if data is None and info["status"] == "collected":
             info.update(status="missing", reason="no %s" % out)
