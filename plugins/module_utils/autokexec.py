@@ -232,11 +232,7 @@ class AutokexecAgent(object):
                         if event.kind == LINK_ADDED and (event.mac or "").lower() in macs:
                             self.trigger("stiefel NIC %s (%s) appeared" % (event.ifname, event.mac))
                 if self.sock in readable:
-                    while True:
-                        got = discovery.receive(self.sock, self.console.drop)
-                        if got is None:
-                            break
-                        data, (host, port, scope) = got
+                    for data, host, port, scope in discovery.drain(self.sock, self.console.drop):
                         self.handle_datagram(data, host, port, scope)
         finally:
             self.sock.close()

@@ -155,11 +155,7 @@ class ClientAgent(object):
                 if self.links.fileno() in readable:
                     self.links.process()
                 if self.sock in readable:
-                    while True:
-                        got = discovery.receive(self.sock, self.console.drop)
-                        if got is None:
-                            break
-                        data, (host, port, scope) = got
+                    for data, host, port, scope in discovery.drain(self.sock, self.console.drop):
                         result = self.handle_datagram(data, host, port, scope)
                         if result is not None:
                             return result

@@ -241,5 +241,15 @@ def receive(sock, log_drop=None):
     return data, split_address(addr)
 
 
+def drain(sock, log_drop=None):
+    """Yield ``(data, host, port, scope)`` for every datagram pending on the non-blocking ``sock``."""
+    while True:
+        got = receive(sock, log_drop)
+        if got is None:
+            return
+        data, (host, port, scope) = got
+        yield data, host, port, scope
+
+
 def describe(error: ProtocolError) -> str:
     return "%s: %s" % (type(error).__name__, error)

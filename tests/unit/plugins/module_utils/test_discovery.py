@@ -197,3 +197,23 @@ def test_key_material_from_keyfile_works():
     key = keyfile.generate_key()
     client = discovery.ClientDiscovery(key)
     assert messages.parse(key, client.discover(1)).type == messages.DISCOVER
+
+
+def test_drain_yields_every_pending_datagram_then_stops():
+    import socket
+    import time as _time
+
+    receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("::1", 0))
+        receiver.setblocking(False)
+        for payload in (b"one", b"two"):
+            sender.sendto(payload, receiver.getsockname()[:2])
+        _time.sleep(0.05)
+        got = [(data, host) for data, host, _port, _scope in discovery.drain(receiver)]
+        assert got == [(b"one", "::1"), (b"two", "::1")]
+        assert list(discovery.drain(receiver)) == []
+    finally:
+        receiver.close()
+        sender.close()
