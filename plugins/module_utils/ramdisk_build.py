@@ -36,8 +36,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ansible_collections.stiefel.system.plugins.module_utils import kexec
-
 FORMAT_VERSION = 1
 LIBRARY_DEST = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
 AGENTS_DEST = "usr/lib/stiefel/agents"
@@ -824,11 +822,17 @@ class RamdiskBuilder:
         initrd = os.path.join(self.out, "initrd.img")
         kernel = os.path.join(self.out, "vmlinuz")
         tmp = initrd + ".tmp"
-        size = kexec.concat_files(tmp, [self.base_archive, self.overlay_archive], mode=0o644)
-        with open(tmp, "ab") as dst:
+        archives = 0
+        with open(tmp, "wb") as dst:
+            for part in (self.base_archive, self.overlay_archive):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                archives += os.path.getsize(part)
             # Bootloaders append the key archive right after this file (systemd-boot
-            # without padding); the kernel only finds a cpio on a 4-byte boundary.
-            dst.write(b"\0" * ((4 - size % 4) % 4))
+            # without padding) and the kernel only finds a cpio on a 4-byte boundary,
+            # so the file ends on one. The kernel skips zero padding; the zstd tool
+            # does not, so readers take the first initrd_archives_bytes only.
+            dst.write(b"\0" * ((4 - archives % 4) % 4))
         os.replace(tmp, initrd)
         shutil.copyfile(os.path.join(self.base_dir, "vmlinuz"), kernel + ".tmp")
         os.replace(kernel + ".tmp", kernel)
@@ -855,6 +859,7 @@ class RamdiskBuilder:
                 {"name": "overlay", "compressed": overlay_meta.get("compressed_bytes"),
                  "uncompressed": overlay_meta.get("uncompressed_bytes")},
             ],
+            "initrd_archives_bytes": archives,
             "initrd_uncompressed_bytes": (base_meta.get("uncompressed_bytes") or 0)
             + (overlay_meta.get("uncompressed_bytes") or 0),
             "compression": "zstd -%d" % int(self.cfg["zstd_level"]),

@@ -222,8 +222,9 @@ def test_overlay_and_assemble_skip_when_up_to_date(tmp_path):
     assert b.overlay()["changed"] is False
     res = b.assemble()
     assert res["changed"] is True
-    # archives start on 4-byte boundaries and the file ends on one (the key archive follows it)
+    # the archives back to back, padded to a 4-byte boundary (the key archive follows it)
     assert (out / "initrd.img").read_bytes() == b"baseoverlay\0"
+    assert res["manifest"]["initrd_archives_bytes"] == len(b"baseoverlay")
     assert res["manifest"]["files"]["vmlinuz"]["size"] == 6
     assert rb.RamdiskBuilder(cfg).assemble()["changed"] is False
     assert rb.RamdiskBuilder(cfg).plan()["up_to_date"] is True
