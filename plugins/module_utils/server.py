@@ -14,6 +14,8 @@ Pieces, each usable alone (unit tests drive them without sockets):
   -> status, reason) used by the request handler.
 * :func:`power_warning` decides the AC/battery warning.
 * :class:`ServerAgent` wires them to sockets, netlink, nbdkit and the console.
+* :class:`StandaloneServer` is the same agent on a running laptop serving a
+  spare disk or image file (config: ``server_config``), without the ramdisk.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import threading
 import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import bootconfig, discovery, keyschedule, messages
-from ansible_collections.stiefel.system.plugins.module_utils import nbd_export, payload
+from ansible_collections.stiefel.system.plugins.module_utils import nbd_export, payload, server_config
 from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, beep, quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 
@@ -204,8 +206,9 @@ class ServerState(object):
     """Everything the discovery loop and the HTTP threads share (behind one lock)."""
 
     def __init__(self, key, run_dir, http_port, nbd_port, export_name, needs_unlock=False, log=quiet_log,
-                 clock=time.monotonic):
+                 clock=time.monotonic, role=messages.ROLE_SERVER):
         self.key = key
+        self.role = role
         self.run_dir = run_dir
         self.http_port = http_port
         self.nbd_port = nbd_port
@@ -224,7 +227,7 @@ class ServerState(object):
 
     def offer_fields(self):
         return {
-            "role": messages.ROLE_SERVER,
+            "role": self.role,
             "http_port": self.http_port,
             "nbd_port": self.nbd_port,
             "export_name": self.export_name,
@@ -504,6 +507,13 @@ def tcp_peers(port, path="/proc/net/tcp6"):
 class ServerAgent(object):
     """The running server: netlink links, discovery answers, HTTP payload, nbdkit, console status."""
 
+    role = messages.ROLE_SERVER
+    # LinkManager's ``manage``: the ramdisk owns every link; standalone mode only the ones it was given.
+    manage_links = True
+    # The ramdisk keeps answering (and says why on the console) when the disk cannot be served;
+    # standalone mode has nothing to offer without it.
+    strict = False
+
     def __init__(self, key, console, run_dir=RUN_DIR, boot_dir=None, boot_spec=None, luks_spec=None, disk=None,
                  mtu=None, http_port=DEFAULT_HTTP_PORT, nbd_port=nbd_export.DEFAULT_PORT,
                  export_name=nbd_export.DEFAULT_EXPORT_NAME, power_sysfs="/sys/class/power_supply",
@@ -519,7 +529,7 @@ class ServerAgent(object):
         self.power_sysfs = power_sysfs
         self.discovery_port = discovery_port
         self.state = ServerState(key, run_dir, http_port, nbd_port if disk else 0, export_name,
-                                 needs_unlock=bool(luks_spec), log=console)
+                                 needs_unlock=bool(luks_spec), log=console, role=self.role)
         self.state.unlock = self._unlock
         self.links = None
         self.http = None
@@ -666,12 +676,15 @@ class ServerAgent(object):
         from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager
 
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        self.links = LinkManager(mtu=self.mtu, log=self.console)
+        self.links = LinkManager(mtu=self.mtu, manage=self.manage_links, log=self.console)
         self.links.open()
         self.prepare_boot()
         try:
             self.start_nbd()
         except (StiefelError, OSError) as exc:
+            if self.strict:
+                self.close()
+                raise
             self.console("cannot serve the disk: %s" % exc)
         self.http = DualStackServer(("::", self.state.http_port), make_handler(self.state, self.console))
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
@@ -721,3 +734,57 @@ class ServerAgent(object):
             self.sock = None
         if self.links is not None:
             self.links.close()
+
+
+class StandaloneServer(ServerAgent):
+    """A running laptop serving a spare disk or image file (``stiefel-server --config``): no ramdisk, no kexec.
+
+    What differs from the ramdisk server: OFFERs carry ``ROLE_STANDALONE``;
+    only the configured interfaces are brought up (and given the MTU), none
+    at all when no interface is named, and discovery arriving on any other
+    interface is ignored; the disk must pass the same in-use check as the
+    ``nbd_serve`` module (never the running system's own disk); a payload or
+    disk that cannot be served is fatal at start, before any interface is
+    touched.
+    """
+
+    role = messages.ROLE_STANDALONE
+    strict = True
+
+    def __init__(self, key, console, config, power_sysfs="/sys/class/power_supply", discovery_port=discovery.PORT):
+        super().__init__(key, console, run_dir=config.run_dir, boot_dir=config.boot_dir, boot_spec=config.boot,
+                         disk=config.disk, mtu=config.mtu, http_port=config.http_port, nbd_port=config.nbd_port,
+                         export_name=config.export_name, power_sysfs=power_sysfs, discovery_port=discovery_port)
+        self.selected = server_config.interface_filter(config.interfaces)
+        self.manage_links = self.selected or False
+        self.interfaces = config.interfaces
+
+    def check_disk(self):
+        nbd_export.check_exportable(self.disk, writable_export=True)
+
+    def run(self, ready_timeout=None):
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        self.check_disk()
+        if self.boot_dir:
+            source = BootSource(self.boot_dir, self.run_dir, self.console)
+            source.prepare(extra_cmdline=self.hook_options())
+        else:
+            source = self._load_boot(resolve_device(self.boot_spec, timeout=5, log=self.console))
+        self.state.source = source
+        self.console("standalone mode: listening on %s; no interface is reconfigured but those named" % (
+            ", ".join(self.interfaces) or "every interface but lo"))
+        super().run(ready_timeout)
+
+    def prepare_boot(self):
+        """Done in :meth:`run` already, where a failure stops the server."""
+
+    def start_nbd(self):
+        self.check_disk()  # again: /boot was mounted in between, and time passed
+        super().start_nbd()
+
+    def handle_datagram(self, data, host, port, scope):
+        link = self.links.links.get(scope) if self.links is not None else None
+        if link is None or (self.selected is not None and not self.selected(link)):
+            self.console.debug("ignoring a datagram from %s%%%s: not a listening interface" % (host, scope))
+            return
+        super().handle_datagram(data, host, port, scope)
