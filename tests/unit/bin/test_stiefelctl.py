@@ -64,3 +64,39 @@ def test_reset_key_rotates_and_check_does_not(tmp_path):
     assert key.read_bytes() != before
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert keyfile.read_key(str(key)).hex() not in out.stdout + out.stderr
+
+
+def test_server_needs_something_to_serve():
+    if os.geteuid() != 0:
+        pytest.skip("stiefelctl server refuses non-root before reading its options")
+    out = ctl("server")
+    assert out.returncode == 2 and "--config FILE, or --disk PATH" in out.stderr
+    out = ctl("server", "--disk", "/srv/x.img")
+    assert out.returncode == 2
+
+
+def test_server_passes_a_refused_config_on_as_exit_2(tmp_path):
+    """The agent refuses before it opens a socket or touches a link; stiefelctl keeps its exit code."""
+    if os.geteuid() != 0:
+        pytest.skip("stiefelctl server needs root")
+    conf = tmp_path / "server.conf"
+    conf.write_text("disk = %s\nboot_dir = %s\ncolour = blue\n" % (tmp_path / "d.img", tmp_path))
+    out = ctl("server", "--config", str(conf))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "refused: %s: line 3: unknown key 'colour'" % conf in out.stdout
+    assert "waiting for a client" not in out.stdout
+    # the disk is checked before anything is served: a missing image file
+    key = tmp_path / "key"
+    keyfile.write_key_atomic(str(key), keyfile.generate_key())
+    conf.write_text("disk = %s\nboot_dir = %s\n" % (tmp_path / "d.img", tmp_path))
+    out = ctl("server", "--config", str(conf), "--key", str(key))
+    assert out.returncode == 1 and "fatal: cannot export %s: it does not exist" % (tmp_path / "d.img") in out.stdout
+
+
+def test_server_agent_flags():
+    agent = str(REPO / "agents" / "stiefel-server")
+    out = subprocess.run([sys.executable, agent, "--interface", "eth0"], capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "are for standalone mode" in out.stderr
+    out = subprocess.run([sys.executable, agent, "--standalone", "--disk", "/srv/d.img"], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 2 and "exactly one of boot_dir" in out.stdout
