@@ -258,10 +258,6 @@ def test_root_over_tls_psk(boot_files, lab, tmp_path):
     assert ciphers and set(ciphers) <= nbd_export.AES_GCM_CIPHERS
 
 
-@pytest.mark.xfail(run=False, strict=True, reason=(
-    "issue 4 open: since the TLS proxy daemonizes (it had to, or reads after the attach failed with "
-    "ESHUTDOWN), its handshake errors go to /dev/null, so the hook cannot tell a wrong PSK or a "
-    "plaintext server from a silent one; it still refuses (no root is mounted) after 30 tries"))
 def test_wrong_psk_fails_clearly(boot_files, lab, tmp_path):
     kernel, initrd = boot_files
     _, line = session_psk()
@@ -275,10 +271,6 @@ def test_wrong_psk_fails_clearly(boot_files, lab, tmp_path):
     assert "EXT4-fs (nbd0" not in text
 
 
-@pytest.mark.xfail(run=False, strict=True, reason=(
-    "issue 4 open: since the TLS proxy daemonizes (it had to, or reads after the attach failed with "
-    "ESHUTDOWN), its handshake errors go to /dev/null, so the hook cannot tell a wrong PSK or a "
-    "plaintext server from a silent one; it still refuses (no root is mounted) after 30 tries"))
 def test_plaintext_server_refused(boot_files, lab, tmp_path):
     kernel, initrd = boot_files
     archive, line = session_psk()

@@ -30,7 +30,7 @@ install() {
     # GnuTLS: libraries are resolved by dracut-install); the PSK is appended
     # by the client as an extra cpio, it is not part of this image.
     inst_libdir_file "nbdkit/plugins/nbdkit-nbd-plugin.so"
-    inst_multiple -o blockdev udevadm modprobe
+    inst_multiple -o blockdev udevadm modprobe timeout
     inst_simple "$moddir/stiefel-nbd-attach" /sbin/stiefel-nbd-attach
     inst_hook cmdline 90 "$moddir/stiefel-cmdline.sh"
 }
