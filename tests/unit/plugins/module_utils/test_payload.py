@@ -124,6 +124,23 @@ def test_manifest_mismatch_is_detected(files, tmp_path):
         receive(stream, tmp_path)
 
 
+@pytest.mark.parametrize("chunk", [p.MIN_CHUNK, p.DEFAULT_CHUNK, 1 << 20, p.MAX_CHUNK])
+def test_any_record_size_in_range_is_received(tmp_path, chunk):
+    # The record size is the sender's choice, carried in the header: a receiver takes a stream
+    # sealed with the old 1 MiB default as well as with today's default or the limits.
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(os.urandom(chunk + 5))
+    initrd.write_bytes(os.urandom(2 * chunk - 7))
+    paths = {"kernel": str(kernel), "initrd": str(initrd)}
+    manifest = p.build_manifest(paths["kernel"], paths["initrd"], "ro")
+    stream = b"".join(p.iter_payload(KEY, CN, SN, manifest, paths, chunk_size=chunk))
+    assert p.STREAM_HEADER.unpack(stream[: p.STREAM_HEADER.size])[3] == chunk
+    got, dest = receive(stream, tmp_path)
+    assert got.files == manifest.files
+    for name in p.FILE_NAMES:
+        assert (dest / name).read_bytes() == open(paths[name], "rb").read()
+
+
 def test_receiver_memory_is_one_record(files, tmp_path):
     # The reader never asks for more than one record at a time.
     _, stream = make_stream(files)
