@@ -13,12 +13,12 @@ hook's command line, the PSK cpio appended to the laptop initrd, and kexec.
 
 from __future__ import annotations
 
-import getpass
 import http.client
 import json
 import os
 import select
 import socket
+import termios
 import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyschedule, messages
@@ -262,33 +262,57 @@ def passphrases_from_file(path):
     return ask
 
 
-def ask_passphrase_on_console(prompt):
-    """Ask on the controlling tty, else /dev/console; return bytes (b"" if nobody can answer)."""
-    for path in ("/dev/tty", "/dev/console"):
+# A typed passphrase is cut here; payload.seal_passphrase refuses more than payload.MAX_PASSPHRASE anyway.
+MAX_TYPED_PASSPHRASE = 2048
+CONSOLE_PATHS = ("/dev/tty", "/dev/console")
+
+
+def ask_passphrase_on_console(prompt, paths=CONSOLE_PATHS):
+    """Ask on the controlling tty, else /dev/console (the ramdisk's agents have no controlling tty); return
+    the typed line as bytes, b"" if nobody can answer.
+
+    The terminal is opened as a bare file descriptor: Python's ``open(tty, "r+")`` wants a seekable file
+    and refuses every terminal, so the prompt never reached a person.
+    """
+    for path in paths:
         try:
-            with open(path, "r+", encoding="utf-8", errors="replace") as tty:
-                text = getpass.getpass(prompt, stream=tty) if path == "/dev/tty" else _ask_raw(tty, prompt)
-            return text.encode("utf-8")
-        except (OSError, EOFError):
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        except OSError:
             continue
+        try:
+            return _ask_raw(fd, prompt)
+        except (OSError, EOFError, termios.error):
+            continue
+        finally:
+            os.close(fd)
     return b""
 
 
-def _ask_raw(tty, prompt):
-    import termios
-
-    fd = tty.fileno()
+def _ask_raw(fd, prompt):
     old = termios.tcgetattr(fd)
     new = termios.tcgetattr(fd)
     new[3] &= ~termios.ECHO
-    tty.write(prompt)
-    tty.flush()
+    # Echo off (and type-ahead dropped) before the prompt shows, as getpass does: whatever is typed once
+    # the prompt is visible is kept.
+    termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+    line = b""
     try:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-        line = tty.readline()
+        os.write(fd, prompt.encode("utf-8", "replace"))
+        while True:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                break
+            line += chunk
+            if b"\n" in line or b"\r" in line or len(line) > MAX_TYPED_PASSPHRASE:
+                break
     finally:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, old)
-        tty.write("\n")
-    if not line:
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, old)
+            os.write(fd, b"\n")
+        except (OSError, termios.error):
+            pass  # the terminal hung up
+    ended = b"\n" in line or b"\r" in line
+    line = line.replace(b"\r", b"\n").split(b"\n", 1)[0][:MAX_TYPED_PASSPHRASE]
+    if not line and not ended:
         raise EOFError
-    return line.rstrip("\n")
+    return line

@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import pty
+import select
+import termios
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -188,3 +195,85 @@ def test_fetch_hostile_streams(stream_server, tmp_path_factory, data):
     with pytest.raises(ProtocolError):
         client.fetch_payload(KEY, _offer(stream_server, cn, sn), None, str(dest), log=lambda s: None)
     assert sorted(p.name for p in dest.iterdir()) == []  # nothing half-written is left behind
+
+
+# ------------------------------------------------------------------ the passphrase prompt on a real terminal
+
+@contextlib.contextmanager
+def _terminal():
+    """A pseudo terminal: (master fd, slave path). The slave is what the client opens as its console; the
+    test holds it open too, so the master reads nothing instead of EIO before the client opens it."""
+    master, slave = pty.openpty()
+    try:
+        yield master, os.ttyname(slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def _drain(fd, wait=0.2):
+    out = b""
+    while select.select([fd], [], [], wait)[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _ask_with(master, path, typed, prompt="Passphrase: "):
+    """Run the console prompt in a thread and type ``typed`` once the prompt shows (None: end of input)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=client.ask_passphrase_on_console(
+        prompt, paths=(path,))))
+    thread.start()
+    shown = b""
+    deadline = time.monotonic() + 10
+    while prompt.encode() not in shown and time.monotonic() < deadline:
+        shown += _drain(master)
+    assert prompt.encode() in shown
+    if typed is None:
+        os.write(master, b"\x04")  # Ctrl-D on an empty line: end of input, nobody answers
+    else:
+        os.write(master, typed)
+    thread.join(10)
+    assert not thread.is_alive(), "the prompt did not return"
+    return result["answer"], shown
+
+
+def test_console_prompt_reads_the_typed_line_without_echo():
+    with _terminal() as (master, path):
+        answer, shown = _ask_with(master, path, b"correct horse\r")
+        after = _drain(master)
+        assert answer == b"correct horse"
+        assert shown.startswith(b"Passphrase: ")
+        assert b"correct" not in shown + after  # not echoed
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        try:
+            assert termios.tcgetattr(fd)[3] & termios.ECHO  # echo is back on
+        finally:
+            os.close(fd)
+
+
+@settings(max_examples=25)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=200))
+def test_console_prompt_returns_what_was_typed(text):
+    with _terminal() as (master, path):
+        answer, _shown = _ask_with(master, path, text.encode() + b"\n")
+        assert answer == text.encode()
+
+
+def test_console_prompt_oversized_line_is_cut_not_hung():
+    with _terminal() as (master, path):
+        answer, _shown = _ask_with(master, path, b"x" * 3000 + b"\n")
+        assert 0 < len(answer) <= client.MAX_TYPED_PASSPHRASE
+
+
+def test_console_prompt_end_of_input_is_no_answer():
+    with _terminal() as (master, path):
+        answer, _shown = _ask_with(master, path, None)
+        assert answer == b""
+    assert client.ask_passphrase_on_console("x", paths=("/nonexistent/tty", "/dev/null")) == b""
