@@ -32,6 +32,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,16 +114,33 @@ def raw_tcp(pair: NetnsPair, size: int) -> float:
 
 
 def nbdcopy(pair: NetnsPair, direction: str, uri: str, conns: int, src: Path, flush: bool) -> float:
-    """Seconds for one nbdcopy; writes end with a flush when the export has one (nbd-server has not)."""
+    """Seconds for one nbdcopy; writes end with a flush when the export has one (nbd-server has not).
+
+    ``-T`` as well as ``-C``: nbdcopy opens at most one connection per thread and defaults to one
+    thread per core, so on a 2-core machine ``-C 4`` alone copies over 2 connections.
+    """
+    par = ["-C", str(conns), "-T", str(conns)]
     if direction == "read":
-        argv = ["nbdcopy", "-C", str(conns), uri, "null:"]
+        argv = ["nbdcopy"] + par + [uri, "null:"]
     else:
-        argv = ["nbdcopy", "-C", str(conns)] + (["--flush"] if flush else []) + [str(src), uri]
+        argv = ["nbdcopy"] + par + (["--flush"] if flush else []) + [str(src), uri]
     start = time.monotonic()
     proc = pair.run("client", argv, timeout=900, check=False)
     if proc.returncode != 0:
         raise RuntimeError("%s failed: %s" % (" ".join(argv), proc.stderr.decode(errors="replace").strip()))
     return time.monotonic() - start
+
+
+def summarise(cell: tuple, samples: list, calibration: dict, size: int) -> dict:
+    """One table cell over every pass: the median is the figure; best and worst are kept beside it."""
+    rate, server, direction, conns = cell
+    rates = sorted(x["Bps"] for x in samples if (x["rate"], x["server"], x["direction"], x["connections"]) == cell)
+    median = statistics.median(rates)
+    ceiling = calibration["ceiling_Bps"]
+    return {"rate": rate, "server": server, "direction": direction, "connections": conns, "repeats": len(rates),
+            "seconds": size / median, "Bps": median, "ratio": median / ceiling,
+            "best_ratio": rates[-1] / ceiling, "worst_ratio": rates[0] / ceiling,
+            "ratio_to_raw_tcp": median / calibration["raw_tcp_Bps"]}
 
 
 def probe(pair: NetnsPair, uri: str) -> ne.ExportInfo:
@@ -174,6 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="export size in MiB (default 1024)")
     parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes over every transfer; the table shows each cell's median (default 1)")
     parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/nbd.json)")
     args = parser.parse_args(argv)
     size = (256 if args.quick else args.size_mib) * MiB
@@ -220,28 +240,37 @@ def main(argv=None) -> int:
                 plan += [(rate, server, d, c) for d in ("read", "write") for c in (1, 4)]
         plan += [("2.5GbE", s, d, c) for s in ("nbdkit TLS", "nbdkit TLS default") for d in ("read", "write")
                  for c in (1, 4)]
-        log("stage 3/4: %d transfers of %d MiB" % (len(plan), size // MiB))
-        current = None
-        for i, (rate, server, direction, conns) in enumerate(plan, 1):
-            ceiling = payload_ceiling(RATES[rate])
-            if rate != current:
-                current = rate
-                htb = htb_rate_for(ceiling)
-                pair.shape(htb)
-                raw = raw_tcp(pair, min(size, 512 * MiB))
-                results["calibration"][rate] = {"htb_rate_bit": htb, "ceiling_Bps": ceiling, "raw_tcp_Bps": raw,
-                                                "raw_tcp_ratio": raw / ceiling}
-                log("  %s: htb %.1f Mbit/s, ceiling %.1f MB/s, raw TCP %.1f MB/s (%.1f %%)"
-                    % (rate, htb / 1e6, ceiling / 1e6, raw / 1e6, 100 * raw / ceiling))
-            seconds = nbdcopy(pair, direction, uris[server], conns, src, results["flags"][server]["can_flush"])
-            mbps = size / seconds
-            raw = results["calibration"][rate]["raw_tcp_Bps"]
-            results["runs"].append({"rate": rate, "server": server, "direction": direction, "connections": conns,
-                                    "seconds": seconds, "Bps": mbps, "ratio": mbps / ceiling,
-                                    "ratio_to_raw_tcp": mbps / raw})
-            log("  [%2d/%d %3d%%] %-6s %-19s %-5s C=%d  %7.1f MB/s  %5.1f %% of ceiling"
-                % (i, len(plan), 100 * i // len(plan), rate, server, direction, conns, mbps / 1e6,
-                   100 * mbps / ceiling))
+        total = len(plan) * args.repeat
+        log("stage 3/4: %d transfers of %d MiB (%d pass%s)" % (total, size // MiB, args.repeat,
+                                                              "es" if args.repeat > 1 else ""))
+        samples, raws, done = [], {}, 0
+        for rep in range(1, args.repeat + 1):
+            current = None
+            for rate, server, direction, conns in plan:
+                ceiling = payload_ceiling(RATES[rate])
+                if rate != current:
+                    current = rate
+                    htb = htb_rate_for(ceiling)
+                    burst = pair.shape(htb)
+                    raw = raw_tcp(pair, min(size, 512 * MiB))
+                    raws.setdefault(rate, []).append(raw)
+                    results["calibration"][rate] = {"htb_rate_bit": htb, "htb_burst_bytes": burst,
+                                                    "ceiling_Bps": ceiling,
+                                                    "raw_tcp_Bps": statistics.median(raws[rate]),
+                                                    "raw_tcp_ratio": statistics.median(raws[rate]) / ceiling,
+                                                    "raw_tcp_runs_Bps": raws[rate]}
+                    log("  %s: htb %.1f Mbit/s burst %d B, ceiling %.1f MB/s, raw TCP %.1f MB/s (%.1f %%)"
+                        % (rate, htb / 1e6, burst, ceiling / 1e6, raw / 1e6, 100 * raw / ceiling))
+                seconds = nbdcopy(pair, direction, uris[server], conns, src, results["flags"][server]["can_flush"])
+                done += 1
+                samples.append({"rate": rate, "server": server, "direction": direction, "connections": conns,
+                                "pass": rep, "seconds": seconds, "Bps": size / seconds})
+                log("  [%2d/%d %3d%%] %-6s %-19s %-5s C=%d  %7.1f MB/s  %5.1f %% of ceiling"
+                    % (done, total, 100 * done // total, rate, server, direction, conns, size / seconds / 1e6,
+                       100 * size / seconds / ceiling))
+        results["samples"] = samples
+        results["repeat"] = args.repeat
+        results["runs"] = [summarise(cell, samples, results["calibration"][cell[0]], size) for cell in plan]
         for name in ("nbdkit TLS", "nbdkit TLS default"):
             text = (work / ("%s.log" % name.replace(" ", "-"))).read_text(errors="replace")
             results["tls_ciphers"][name] = sorted(set(ne.parse_tls_session_cipher(text)))
@@ -272,17 +301,24 @@ def print_table(results: dict) -> None:
     print()
     print("NBD throughput, %d MiB, fraction of the TCP payload ceiling (MTU 1500)" % (results["size_bytes"] // MiB))
     for rate, cal in results["calibration"].items():
-        print("  %-6s ceiling %.1f MB/s, htb %.1f Mbit/s, raw TCP %.1f %%"
-              % (rate, cal["ceiling_Bps"] / 1e6, cal["htb_rate_bit"] / 1e6, 100 * cal["raw_tcp_ratio"]))
-    print()
-    print("%-6s %-19s %8s %8s %8s %8s" % ("link", "server", "read C1", "read C4", "write C1", "write C4"))
-    rows = {}
-    for run in results["runs"]:
-        rows.setdefault((run["rate"], run["server"]), {})[(run["direction"], run["connections"])] = run["ratio"]
-    for (rate, server), cells in rows.items():
-        print("%-6s %-19s %s" % (rate, server, " ".join(
-            "%7.1f%%" % (100 * cells[k]) if k in cells else "%8s" % "-"
-            for k in (("read", 1), ("read", 4), ("write", 1), ("write", 4)))))
+        print("  %-6s ceiling %.1f MB/s, htb %.1f Mbit/s burst %s B, raw TCP %.1f %%"
+              % (rate, cal["ceiling_Bps"] / 1e6, cal["htb_rate_bit"] / 1e6, cal.get("htb_burst_bytes", "?"),
+                 100 * cal["raw_tcp_ratio"]))
+    repeat = results.get("repeat", 1)
+    for key, title in (("ratio", "median of %d" % repeat if repeat > 1 else ""),
+                       ("best_ratio", "best of %d" % repeat if repeat > 1 else None)):
+        if title is None:
+            continue
+        print()
+        print("%-6s %-19s %8s %8s %8s %8s  %s" % ("link", "server", "read C1", "read C4", "write C1", "write C4",
+                                                  title))
+        rows = {}
+        for run in results["runs"]:
+            rows.setdefault((run["rate"], run["server"]), {})[(run["direction"], run["connections"])] = run[key]
+        for (rate, server), cells in rows.items():
+            print("%-6s %-19s %s" % (rate, server, " ".join(
+                "%7.1f%%" % (100 * cells[k]) if k in cells else "%8s" % "-"
+                for k in (("read", 1), ("read", 4), ("write", 1), ("write", 4)))))
     print("(raw TCP = one plain TCP stream through the same shaper in the same run; JSON has ratio_to_raw_tcp)")
     print()
     print("%-19s %6s %6s %10s %6s" % ("advertised", "flush", "FUA", "multi-conn", "TLS"))

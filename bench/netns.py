@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -26,6 +27,13 @@ MSS_TS = 1448
 # the wire also carries 4 (FCS) + 8 (preamble) + 12 (inter-frame gap) = 1538 bytes.
 HTB_FRAME = 1514
 WIRE_FRAME = 1538
+# tc's default htb burst at multi-gigabit rates is about one frame (1230 B at 2.5 Gbit/s): every late
+# hrtimer or softirq on a busy machine then loses line time for good, and one plain TCP stream got only
+# 92-95 % of the 2.5 GbE ceiling. A real NIC never loses line time. 64 KiB (one GSO segment, 0.2 ms at
+# 2.5 Gbit/s) rides over those delays; since the bucket starts full, a transfer can gain at most that
+# much over the line: 0.13 % of a 50 MB payload, 0.006 % of 1 GiB.
+HTB_BURST = 64 * 1024
+IFA_F_TENTATIVE = 0x40
 
 
 def payload_ceiling(line_bits_per_s: float, mtu: int = 1500) -> float:
@@ -91,14 +99,34 @@ class NetnsPair:
                 netns.remove(ns)
 
     # --------------------------------------------------------------- shaping
-    def shape(self, rate_bits: int) -> None:
-        """htb on both veth ends (egress), so reads and writes are limited alike."""
+    def shape(self, rate_bits: int, burst: int | None = HTB_BURST) -> int | None:
+        """htb on both veth ends (egress), so reads and writes are limited alike.
+
+        ``burst`` (and cburst) in bytes; None leaves tc's default, for comparison. Returns it.
+        """
+        extra = ["burst", "%db" % burst, "cburst", "%db" % burst] if burst else []
         for side in ("server", "client"):
             dev = self.ifname[side]
             self.run(side, ["tc", "qdisc", "del", "dev", dev, "root"], check=False)
             self.run(side, ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
             self.run(side, ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
-                            "rate", "%dbit" % rate_bits, "ceil", "%dbit" % rate_bits])
+                            "rate", "%dbit" % rate_bits, "ceil", "%dbit" % rate_bits] + extra)
+        return burst or None
+
+    def link_local(self, side: str, timeout: float = 10.0) -> str:
+        """The fe80:: address of ``side``'s veth end, once duplicate address detection has let go of it."""
+        def settled():
+            with NetNS(self.ns[side]) as ipr:
+                idx = ipr.link_lookup(ifname=self.ifname[side])[0]
+                for msg in ipr.get_addr(family=socket.AF_INET6, index=idx):
+                    addr = msg.get_attr("IFA_ADDRESS")
+                    if addr.startswith("fe80:") and not msg["flags"] & IFA_F_TENTATIVE:
+                        return addr
+            return None
+        found = wait_for(settled, timeout=timeout, interval=0.1)
+        if not found:
+            raise RuntimeError("no link-local address on %s in %s" % (self.ifname[side], self.ns[side]))
+        return found
 
     # --------------------------------------------------------------- processes
     def argv(self, side: str, argv: list) -> list:
