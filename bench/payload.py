@@ -1,21 +1,35 @@
 #!/usr/bin/env python3
 # Copyright: stiefel.system developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Boot payload streaming: throughput against a 2.5 GbE line and receiver memory (issue 7.2).
+"""Boot payload delivery: throughput against a 2.5 GbE line and receiver memory (issue 7.2).
 
-Two network namespaces joined by a veth pair, both ends shaped with htb to
-2500 Mbit/s (TCP payload ceiling at MTU 1500: 294.2 MB/s). The sender streams
-``payload.iter_payload`` (AES-256-GCM records) over TCP; the receiver runs
-``payload.receive_payload`` (decrypt, write, SHA-256 verify) into a tmpfs
-directory. Payload sizes 50 MB and 200 MB show that the receiver's peak RSS
-does not grow with the payload. A plain TCP copy of the same bytes is the
-baseline, and ``receive_payload`` from a tmpfs file (no network) shows the
-receiver's own CPU ceiling on this machine (on a 2-core host, sender,
-receiver and the shaped veth share the CPUs; real peers do not). Prints a table; never fails (a measurement, not a test).
+The real path end to end: in a server namespace the server agent's HTTP
+handler (``server.make_handler`` on ``server.DualStackServer``) serves the
+payload of a session it issued; in a client namespace the client agent's
+``client.fetch_payload`` GETs it from the server's IPv6 link-local address,
+decrypts, writes and SHA-256-verifies kernel and initrd into a tmpfs
+directory. The two namespaces are the shaped cable of the NBD benchmark
+(``netns.NetnsPair``: veth, htb on both ends, TCP payload ceiling of 2.5 GbE
+at MTU 1500, 294.2 MB/s). The client's clock runs from the TCP connect to
+the verified, closed files: what a booting desktop waits for. Process
+start, imports and the server's manifest hashing are outside it.
 
-    sudo .venv/bin/python bench/payload.py [--sizes 50,200] [--rate-mbit 2500] [--output PATH]
+Per payload size (50 and 200 MB: the receiver's peak RSS must not grow with
+the payload) and repetition, interleaved so load changes hit both alike:
 
-Also writes the rows as JSON to ``$STIEFEL_CACHE_DIR/bench/payload.json`` (or --output).
+- ``plain TCP copy``: the same number of bytes over one plain TCP stream
+  through the same shaper (what the cable gives one stream in this run),
+- ``iter/receive_payload``: the stiefel payload as above.
+
+Once per size, without network: ``send only`` (``iter_payload`` into a tmpfs
+file) and ``receive only`` (``receive_payload`` from it), the CPU ceilings of
+each side on this machine (on a 2-core host sender, receiver and the
+shaped veth share the CPUs; real peers do not). Prints a table; never fails
+(a measurement, not a test).
+
+    sudo .venv/bin/python bench/payload.py [--sizes 50,200] [--repeat 3] [--rate-mbit 2500] [--output PATH]
+
+Also writes every run as JSON to ``$STIEFEL_CACHE_DIR/bench/payload.json`` (or --output).
 """
 
 from __future__ import annotations
@@ -24,19 +38,28 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "collections"))
+sys.path.insert(0, HERE)
 
-from ansible_collections.stiefel.system.plugins.module_utils import keyfile, messages, payload  # noqa: E402
+from ansible_collections.stiefel.system.plugins.module_utils import (  # noqa: E402
+    client, discovery, keyfile, messages, payload, server)
+from netns import HTB_BURST, NetnsPair, htb_rate_for, payload_ceiling  # noqa: E402
 
-PORT = 61599
-CEILING_2500 = 294.2  # MB/s, TCP payload at MTU 1500 (design brief, section 4)
+HTTP_PORT = 61599
+PLAIN_PORT = 61598
+BLOCK = 1 << 20
+STUCK_FACTOR = 10  # a run taking 10x its time at the ceiling counts as stuck
 
 
 def _status_kb(field):
@@ -47,226 +70,350 @@ def _status_kb(field):
     return 0
 
 
-def rss_kb():
+def peak_rss_kb():
     """Peak RSS of this process image (VmHWM; ru_maxrss would carry the forking parent's peak over exec)."""
     return _status_kb("VmHWM")
 
 
-def current_rss_kb():
+def rss_kb():
     return _status_kb("VmRSS")
 
 
-# ------------------------------------------------------------------ the two roles (run inside namespaces)
+# ------------------------------------------------------------------ roles (run inside the namespaces)
 
-def role_sender(args):
+class _Source(object):
+    """What ``server.BootSource.prepare`` leaves behind: the manifest and the two paths."""
+
+    def __init__(self, kernel, initrd):
+        self.paths = {"kernel": kernel, "initrd": initrd}
+        self.manifest = payload.build_manifest(kernel, initrd, "root=UUID=bench ro")
+
+
+class _QuietConsole(object):
+    """The server agent's Console interface, printing nothing (its lines would only add noise here)."""
+
+    def __call__(self, text):
+        pass
+
+    info = marker = debug = __call__
+
+    def drop(self, source, reason):
+        print("server dropped input from %s: %s" % (source, reason), file=sys.stderr, flush=True)
+
+
+def role_server(args):
+    """The server agent's HTTP payload service; issues one session per client nonce read from stdin."""
     key = bytes.fromhex(args.key)
-    cn, sn = bytes.fromhex(args.client_nonce), bytes.fromhex(args.server_nonce)
-    manifest = payload.build_manifest(args.kernel, args.initrd, "root=UUID=bench ro")
-    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("::", PORT))
-    listener.listen(1)
-    print("listening", flush=True)
-    conn = listener.accept()[0]
-    if args.plain:
-        for path in (args.kernel, args.initrd):
-            with open(path, "rb") as handle:
-                while True:
-                    block = handle.read(1 << 20)
-                    if not block:
-                        break
-                    conn.sendall(block)
-    else:
-        for record in payload.iter_payload(key, cn, sn, manifest, {"kernel": args.kernel, "initrd": args.initrd}):
-            conn.sendall(record)
-    conn.close()
-    listener.close()
+    run_dir = tempfile.mkdtemp(prefix="stf-bench-srv-", dir="/dev/shm")
+    state = server.ServerState(key, run_dir, HTTP_PORT, 0, "bench")
+    state.source = _Source(args.kernel, args.initrd)
+    httpd = server.DualStackServer(("::", HTTP_PORT), server.make_handler(state, _QuietConsole()))
+    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+    plain = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    plain.bind(("::", PLAIN_PORT))
+    plain.listen(4)
+    threading.Thread(target=_plain_sender, args=(plain, state.source.paths), name="plain", daemon=True).start()
+    print("ready", flush=True)
+    try:
+        for line in sys.stdin:
+            client_nonce = bytes.fromhex(line.strip())
+            with state.lock:
+                server_nonce = state.sessions.issue(client_nonce)
+            print(server_nonce.hex(), flush=True)
+    finally:
+        httpd.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def role_receiver(args):
+def _plain_sender(listener, paths):
+    """The baseline: the same files as one plain TCP stream, per connection."""
+    while True:
+        conn = listener.accept()[0]
+        with conn:
+            for name in payload.FILE_NAMES:
+                with open(paths[name], "rb") as handle:
+                    while True:
+                        block = handle.read(BLOCK)
+                        if not block:
+                            break
+                        conn.sendall(block)
+
+
+def role_client(args):
+    """Time ``client.fetch_payload`` (or a plain TCP copy) from the server's link-local address."""
     key = bytes.fromhex(args.key)
-    cn = bytes.fromhex(args.client_nonce)
-    before = current_rss_kb()
-    if args.local:
-        sock = None
-        stream = open(args.host, "rb", buffering=1 << 20)
-    else:
-        sock = socket.create_connection((args.host, PORT))
-        stream = sock.makefile("rb", buffering=1 << 20)
+    before = rss_kb()
     started = time.monotonic()
     if args.plain:
-        total = 0
+        sock = socket.create_connection((args.server + "%" + args.ifname, PLAIN_PORT))
+        buf = bytearray(BLOCK)
+        size = 0
         while True:
-            block = stream.read(1 << 20)
-            if not block:
+            got = sock.recv_into(buf)
+            if not got:
                 break
-            total += len(block)
-        size = total
+            size += got
+        sock.close()
     else:
-        manifest = payload.receive_payload(stream.read, key, cn, args.dest)
+        cn, sn = bytes.fromhex(args.client_nonce), bytes.fromhex(args.server_nonce)
+        offer_bytes = messages.build_offer(key, cn, sn, messages.ROLE_SERVER, http_port=HTTP_PORT, nbd_port=10809,
+                                           export_name="bench")
+        offer = discovery.Offer(messages.parse(key, offer_bytes, expect=(messages.OFFER,)), args.server, 0, 0)
+        manifest = client.fetch_payload(key, offer, args.ifname, args.dest)
         size = manifest.total_size
     elapsed = time.monotonic() - started
-    if sock is not None:
-        sock.close()
-    stream.close()
-    print(json.dumps({"bytes": size, "seconds": elapsed, "rss_before_kb": before, "rss_peak_kb": rss_kb()}),
+    print(json.dumps({"bytes": size, "seconds": elapsed, "rss_before_kb": before, "rss_peak_kb": peak_rss_kb()}),
           flush=True)
 
 
-# ------------------------------------------------------------------ orchestration (root, on the host)
-
-def run(argv, check=True):
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
-
-
-class Lab(object):
-    def __init__(self, rate_mbit):
-        pid = os.getpid() & 0xFFFF
-        self.a, self.b = "stfbs%x" % pid, "stfbr%x" % pid
-        self.va, self.vb = "stfbva%x" % pid, "stfbvb%x" % pid
-        self.rate = rate_mbit
-
-    def __enter__(self):
-        for ns in (self.a, self.b):
-            run(["ip", "netns", "add", ns])
-            run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        run(["ip", "link", "add", self.va, "type", "veth", "peer", "name", self.vb])
-        run(["ip", "link", "set", self.va, "netns", self.a])
-        run(["ip", "link", "set", self.vb, "netns", self.b])
-        for ns, dev, addr in ((self.a, self.va, "fd5e:be::1/64"), (self.b, self.vb, "fd5e:be::2/64")):
-            run(["ip", "-n", ns, "addr", "add", addr, "dev", dev, "nodad"])
-            run(["ip", "-n", ns, "link", "set", dev, "mtu", "1500", "up"])
-            run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
-                 "default", "10"])
-            run(["ip", "netns", "exec", ns, "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10",
-                 "htb", "rate", "%dmbit" % self.rate, "ceil", "%dmbit" % self.rate])
-            # GSO/TSO would hand htb 64 KiB super-packets: shape real 1500-byte frames
-            run(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"],
-                check=False)
-        return self
-
-    def __exit__(self, *exc):
-        for ns in (self.a, self.b):
-            run(["ip", "netns", "del", ns], check=False)
-
-
-def measure_local(key, kernel, initrd, dest, work):
-    """receive_payload from a file on tmpfs, no network: the receiver's own CPU ceiling here."""
+def role_local(args):
+    """No network: ``iter_payload`` into a tmpfs file, then ``receive_payload`` from it (each side's CPU ceiling)."""
+    key = bytes.fromhex(args.key)
     cn, sn = messages.new_nonce(), messages.new_nonce()
-    manifest = payload.build_manifest(kernel, initrd, "root=UUID=bench ro")
-    stream_path = os.path.join(work, "stream")
+    stream_path = os.path.join(args.dest, "stream")
+    started = time.monotonic()
+    manifest = payload.build_manifest(args.kernel, args.initrd, "root=UUID=bench ro")
+    hashed = time.monotonic()
     with open(stream_path, "wb") as out:
-        for record in payload.iter_payload(key, cn, sn, manifest, {"kernel": kernel, "initrd": initrd}):
+        for record in payload.iter_payload(key, cn, sn, manifest, {"kernel": args.kernel, "initrd": args.initrd}):
             out.write(record)
-    recv = run([sys.executable, os.path.abspath(__file__), "--role", "receiver", "--local", "--host", stream_path,
-                "--dest", dest, "--key", key.hex(), "--client-nonce", cn.hex(), "--server-nonce", sn.hex()],
-               check=False)
+    sent = time.monotonic()
+    out_dir = os.path.join(args.dest, "files")
+    os.makedirs(out_dir, exist_ok=True)
+    before = rss_kb()
+    with open(stream_path, "rb") as stream:
+        received_at = time.monotonic()
+        payload.receive_payload(stream.read, key, cn, out_dir)
+        done = time.monotonic()
     os.unlink(stream_path)
-    if recv.returncode != 0:
-        return {"error": recv.stderr.strip()[-300:]}
-    return json.loads(recv.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    size = manifest.total_size
+    print(json.dumps({"send": {"bytes": size, "seconds": sent - hashed},
+                      "manifest_seconds": hashed - started,
+                      "receive": {"bytes": size, "seconds": done - received_at, "rss_before_kb": before,
+                                  "rss_peak_kb": peak_rss_kb()}}), flush=True)
 
+
+# ------------------------------------------------------------------ orchestration (root, on the host)
 
 def _random_file(path, size):
     with open(path, "wb") as handle:
         left = size
         while left:
-            block = os.urandom(min(left, 1 << 20))
+            block = os.urandom(min(left, BLOCK))
             handle.write(block)
             left -= len(block)
 
 
-def measure(lab, key, kernel, initrd, dest, plain):
-    cn, sn = messages.new_nonce(), messages.new_nonce()
-    common = ["--key", key.hex(), "--client-nonce", cn.hex(), "--server-nonce", sn.hex()]
-    if plain:
-        common.append("--plain")
-    me = [sys.executable, os.path.abspath(__file__)]
-    sender = subprocess.Popen(["ip", "netns", "exec", lab.a] + me + ["--role", "sender", "--kernel", kernel,
-                                                                     "--initrd", initrd] + common,
-                              stdout=subprocess.PIPE, text=True)
+def _me(role):
+    return [sys.executable, os.path.abspath(__file__), "--role", role]
+
+
+def _last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+class Bench(object):
+    def __init__(self, pair, key, kernel, initrd, work, ideal_seconds):
+        self.pair, self.key, self.work = pair, key, work
+        self.kernel, self.initrd = kernel, initrd
+        self.timeout = max(60.0, STUCK_FACTOR * ideal_seconds)
+        self.server = pair.popen("server", _me("server") + ["--key", key.hex(), "--kernel", kernel,
+                                                            "--initrd", initrd],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.server.stdout.readline().strip() != "ready":
+            raise RuntimeError("payload server did not start")
+        self.address, self.ifname = pair.link_local("server"), pair.ifname["client"]
+
+    def close(self):
+        if self.server.poll() is None:
+            self.server.stdin.close()
+            self.server.wait(10)
+
+    def fetch(self, plain):
+        dest = tempfile.mkdtemp(prefix="recv-", dir=self.work)
+        argv = _me("client") + ["--key", self.key.hex(), "--server", self.address, "--ifname", self.ifname,
+                                "--dest", dest]
+        if plain:
+            argv.append("--plain")
+        else:
+            cn = messages.new_nonce()
+            self.server.stdin.write(cn.hex() + "\n")
+            self.server.stdin.flush()
+            sn = self.server.stdout.readline().strip()
+            argv += ["--client-nonce", cn.hex(), "--server-nonce", sn]
+        try:
+            proc = self.pair.run("client", argv, check=False, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": "no result within %.0f s" % self.timeout}
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip()[-300:]}
+        return _last_json(proc.stdout)
+
+    def local(self):
+        dest = tempfile.mkdtemp(prefix="local-", dir=self.work)
+        try:
+            proc = subprocess.run(_me("local") + ["--key", self.key.hex(), "--kernel", self.kernel,
+                                                  "--initrd", self.initrd, "--dest", dest],
+                                  check=False, capture_output=True, text=True, timeout=600)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip()[-300:]}
+        return _last_json(proc.stdout)
+
+
+def summarise(size_mb, path, runs, ceiling_bps):
+    """One row: the median run is the figure, best and every run are kept."""
+    good = [r for r in runs if "error" not in r]
+    row = {"size_mb": size_mb, "path": path, "runs": runs}
+    if not good:
+        row["error"] = runs[-1]["error"] if runs else "no run"
+        return row
+    rates = sorted(r["bytes"] / r["seconds"] for r in good)
+    median = statistics.median(rates)
+    row.update(bytes=good[0]["bytes"], seconds=good[0]["bytes"] / median, MBps=median / 1e6,
+               ratio=median / ceiling_bps, best_ratio=rates[-1] / ceiling_bps, worst_ratio=rates[0] / ceiling_bps,
+               errors=len(runs) - len(good))
+    if "rss_peak_kb" in good[0]:
+        row["rss_before_kb"] = max(r["rss_before_kb"] for r in good)
+        row["rss_peak_kb"] = max(r["rss_peak_kb"] for r in good)
+    return row
+
+
+def loadavg():
     try:
-        sender.stdout.readline()  # "listening"
-        recv = run(["ip", "netns", "exec", lab.b] + me + ["--role", "receiver", "--host", "fd5e:be::1", "--dest",
-                                                          dest] + common, check=False)
-        sender.wait(60)
+        with open("/proc/loadavg") as handle:
+            return [float(x) for x in handle.read().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def congestion_control():
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "?"
+
+
+def orchestrate(args):
+    ceiling = payload_ceiling(args.rate_mbit * 1e6)
+    htb = htb_rate_for(ceiling)
+    key = keyfile.generate_key()
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rate_mbit": args.rate_mbit,
+               "ceiling_MBps": ceiling / 1e6, "htb_rate_bit": htb, "htb_burst_bytes": None,
+               "tcp_congestion_control": congestion_control(), "repeat": args.repeat,
+               "load_start": loadavg(), "path": "server.make_handler -> client.fetch_payload, IPv6 link-local",
+               "rows": []}
+    work = tempfile.mkdtemp(prefix="stf-bench-payload-", dir="/dev/shm")
+    pair = NetnsPair()
+    main_pid = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != main_pid:  # pyroute2's forked netns helpers inherit this handler
+            os._exit(1)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        pair.create()
+        results["htb_burst_bytes"] = pair.shape(htb, burst=args.htb_burst)
+        for size_mb in [int(s) for s in args.sizes.split(",")]:
+            kernel, initrd = os.path.join(work, "kernel"), os.path.join(work, "initrd")
+            _random_file(kernel, size_mb * 1000 * 1000 * 3 // 4)
+            _random_file(initrd, size_mb * 1000 * 1000 // 4)
+            print("%d MB: send/receive without network ..." % size_mb, flush=True)
+            bench = Bench(pair, key, kernel, initrd, work, size_mb * 1e6 / ceiling)
+            try:
+                local = bench.local()
+                if "error" in local:
+                    results["rows"] += [summarise(size_mb, p, [local], ceiling) for p in ("send only, no net",
+                                                                                         "receive only, no net")]
+                else:
+                    results["rows"].append(summarise(size_mb, "send only, no net", [local["send"]], ceiling))
+                    results["rows"].append(summarise(size_mb, "receive only, no net", [local["receive"]], ceiling))
+                runs = {True: [], False: []}
+                for rep in range(args.repeat):
+                    for plain in (True, False):
+                        runs[plain].append(bench.fetch(plain))
+                        r = runs[plain][-1]
+                        print("%d MB %-15s run %d/%d: %s" % (
+                            size_mb, "plain TCP" if plain else "stiefel payload", rep + 1, args.repeat,
+                            r["error"] if "error" in r else "%.1f MB/s, %.1f %% of ceiling" % (
+                                r["bytes"] / r["seconds"] / 1e6, 100 * r["bytes"] / r["seconds"] / ceiling)),
+                              flush=True)
+            finally:
+                bench.close()
+            results["rows"].append(summarise(size_mb, "plain TCP copy", runs[True], ceiling))
+            results["rows"].append(summarise(size_mb, "iter/receive_payload", runs[False], ceiling))
+    except KeyboardInterrupt:
+        if os.getpid() != main_pid:
+            os._exit(1)
+        print("interrupted: cleaning up", flush=True)
+        return None
     finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
-    if recv.returncode != 0:
-        return {"error": recv.stderr.strip()[-300:]}
-    return json.loads(recv.stdout.strip().splitlines()[-1])
+        if os.getpid() != main_pid:
+            os._exit(1)  # never clean up from a forked helper
+        pair.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_end"] = loadavg()
+    return results
+
+
+def print_table(results):
+    print()
+    print("Boot payload over veth shaped to %s Mbit/s (htb %.1f Mbit/s, burst %s; TCP payload ceiling %.1f MB/s), "
+          "%s, median of %d" % (results["rate_mbit"], results["htb_rate_bit"] / 1e6,
+                                "%s B" % results["htb_burst_bytes"] if results["htb_burst_bytes"] else "tc default",
+                                results["ceiling_MBps"], results["tcp_congestion_control"], results["repeat"]))
+    print("%-7s %-22s %8s %9s %9s %9s %11s %11s" % ("size", "path", "MB/s", "ceiling", "best", "worst",
+                                                      "RSS before", "RSS peak"))
+    for r in results["rows"]:
+        size = "%d MB" % r["size_mb"]
+        if "error" in r:
+            print("%-7s %-22s error: %s" % (size, r["path"], r["error"]))
+            continue
+        rss = ("%8.1f MB %8.1f MB" % (r["rss_before_kb"] / 1024, r["rss_peak_kb"] / 1024)
+               if "rss_peak_kb" in r else "")
+        print("%-7s %-22s %8.1f %8.1f%% %8.1f%% %8.1f%% %s" % (
+            size, r["path"], r["MBps"], 100 * r["ratio"], 100 * r["best_ratio"], 100 * r["worst_ratio"], rss))
+    print("load average %s at start, %s at end" % (results["load_start"], results["load_end"]))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["sender", "receiver"])
+    parser.add_argument("--role", choices=["server", "client", "local"])
     parser.add_argument("--key")
     parser.add_argument("--client-nonce")
     parser.add_argument("--server-nonce")
     parser.add_argument("--kernel")
     parser.add_argument("--initrd")
-    parser.add_argument("--host")
+    parser.add_argument("--server", help="client: the server's link-local address")
+    parser.add_argument("--ifname", help="client: the interface the server is on")
     parser.add_argument("--dest")
-    parser.add_argument("--plain", action="store_true")
-    parser.add_argument("--local", action="store_true", help="receiver: read the stream from a file (CPU only)")
+    parser.add_argument("--plain", action="store_true", help="client: plain TCP copy instead of the payload")
     parser.add_argument("--sizes", default="50,200", help="payload sizes in MB")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size and path (the table shows the median)")
     parser.add_argument("--rate-mbit", type=int, default=2500)
+    parser.add_argument("--htb-burst", type=int, default=HTB_BURST,
+                        help="htb burst in bytes (default %(default)s; 0 = tc's default, for comparison)")
     parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/payload.json)")
     args = parser.parse_args()
-    if args.role == "sender":
-        return role_sender(args)
-    if args.role == "receiver":
-        return role_receiver(args)
+    roles = {"server": role_server, "client": role_client, "local": role_local}
+    if args.role:
+        return roles[args.role](args)
     if os.geteuid() != 0:
         print("bench/payload.py needs root (network namespaces)")
         return 0
-    ceiling = CEILING_2500 * args.rate_mbit / 2500.0
-    key = keyfile.generate_key()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    work = tempfile.mkdtemp(prefix="stf-bench-payload-", dir="/dev/shm")
-    rows = []
-    try:
-        with Lab(args.rate_mbit) as lab:
-            for size_mb in [int(s) for s in args.sizes.split(",")]:
-                kernel, initrd = os.path.join(work, "kernel"), os.path.join(work, "initrd")
-                _random_file(kernel, size_mb * 1000 * 1000 * 3 // 4)
-                _random_file(initrd, size_mb * 1000 * 1000 // 4)
-                dest = os.path.join(work, "recv")
-                os.makedirs(dest, exist_ok=True)
-                print("measuring %d MB receive_payload from tmpfs (no network) ..." % size_mb, flush=True)
-                rows.append((size_mb, "receive only, no net", measure_local(key, kernel, initrd, dest, work)))
-                shutil.rmtree(dest, ignore_errors=True)
-                for plain in (True, False):
-                    dest = os.path.join(work, "recv")
-                    os.makedirs(dest, exist_ok=True)
-                    print("measuring %d MB %s ..." % (size_mb, "plain TCP" if plain else "stiefel payload"), flush=True)
-                    result = measure(lab, key, kernel, initrd, dest, plain)
-                    shutil.rmtree(dest, ignore_errors=True)
-                    rows.append((size_mb, "plain TCP copy" if plain else "iter/receive_payload", result))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print()
-    print("Boot payload over veth shaped to %d Mbit/s (TCP payload ceiling %.1f MB/s)" % (args.rate_mbit, ceiling))
-    print("%-8s %-22s %10s %10s %10s %14s %14s" % ("size", "path", "MB/s", "ceiling", "seconds", "RSS before", "RSS peak"))
-    for size_mb, path, r in rows:
-        if "error" in r:
-            print("%-8s %-22s error: %s" % ("%d MB" % size_mb, path, r["error"]))
-            continue
-        rate = r["bytes"] / 1e6 / r["seconds"]
-        print("%-8s %-22s %10.1f %9.1f%% %10.2f %11.1f MB %11.1f MB" % (
-            "%d MB" % size_mb, path, rate, 100 * rate / ceiling, r["seconds"], r["rss_before_kb"] / 1024,
-            r["rss_peak_kb"] / 1024))
+    results = orchestrate(args)
+    if results is None:
+        return 130
+    print_table(results)
     out_path = args.output or os.path.join(os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache"),
                                            "bench", "payload.json")
-    results = {"started": started, "rate_mbit": args.rate_mbit, "ceiling_MBps": ceiling, "rows": []}
-    for size_mb, path, r in rows:
-        row = dict(r, size_mb=size_mb, path=path)
-        if "error" not in r:
-            row["MBps"] = r["bytes"] / 1e6 / r["seconds"]
-            row["ratio"] = row["MBps"] / ceiling
-        results["rows"].append(row)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as handle:
         handle.write(json.dumps(results, indent=1) + "\n")
