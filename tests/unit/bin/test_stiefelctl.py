@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
 
@@ -114,3 +115,51 @@ def test_server_agent_check_config(tmp_path):
     out = subprocess.run([sys.executable, agent, "--check-config", str(conf)], capture_output=True, text=True,
                          check=False)
     assert out.returncode == 2 and "mtu needs interfaces" in out.stderr
+
+
+def _load_ctl():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("stiefelctl_under_test", CTL)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_newc_archives_finds_each_archive_of_the_ramdisk():
+    """test-nspawn unpacks the ramdisk's base and overlay archives one by one (GNU cpio stops at a trailer)."""
+    import io
+
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+
+    module = _load_ctl()
+    first = cpio.write_newc([cpio.CpioEntry.file("bin/base", b"base" * 100, 0o755)])
+    second = cpio.write_newc([cpio.CpioEntry.directory("usr"), cpio.CpioEntry.file("usr/agent", b"a", 0o755)])
+    stream = first + b"\0" * 8 + second
+    spans = module.newc_archives(io.BytesIO(stream), len(stream))
+    assert spans == [(0, len(first)), (len(first) + 8, len(second))]
+    assert [e.name for e in cpio.read_newc(stream[spans[1][0]:sum(spans[1])])] == ["usr", "usr/agent"]
+    for broken in (stream[:-20], stream[:len(first) + 8 + 200], stream + b"junk"):
+        with pytest.raises(SystemExit) as info:
+            module.newc_archives(io.BytesIO(broken), len(broken))
+        assert info.value.code == 1
+
+
+@given(st.binary(max_size=2048), st.integers(0, 300))
+@settings(max_examples=300)
+def test_newc_archives_on_hostile_bytes_ends_or_refuses(data, cut):
+    """Random or truncated streams: a list of spans, or a clean refusal (exit 1); never a hang or a crash."""
+    import io
+
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+
+    module = _load_ctl()
+    for stream in (data, (cpio.write_newc([cpio.CpioEntry.file("x", data, 0o644)]) + data)[:cut + 110]):
+        try:
+            spans = module.newc_archives(io.BytesIO(stream), len(stream))
+        except SystemExit as exc:
+            assert exc.code == 1
+        else:
+            assert all(0 <= off and 0 < length and off + length <= len(stream) for off, length in spans)
