@@ -241,8 +241,8 @@ def main(argv=None) -> int:
         plan += [("2.5GbE", s, d, c) for s in ("nbdkit TLS", "nbdkit TLS default") for d in ("read", "write")
                  for c in (1, 4)]
         total = len(plan) * args.repeat
-        log("stage 3/4: %d transfers of %d MiB (%d pass%s)" % (total, size // MiB, args.repeat,
-                                                              "es" if args.repeat > 1 else ""))
+        passes = "%d pass%s" % (args.repeat, "es" if args.repeat > 1 else "")
+        log("stage 3/4: %d transfers of %d MiB (%s)" % (total, size // MiB, passes))
         samples, raws, done = [], {}, 0
         for rep in range(1, args.repeat + 1):
             current = None

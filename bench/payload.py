@@ -330,8 +330,8 @@ def orchestrate(args):
             try:
                 local = bench.local()
                 if "error" in local:
-                    results["rows"] += [summarise(size_mb, p, [local], ceiling) for p in ("send only, no net",
-                                                                                         "receive only, no net")]
+                    results["rows"] += [summarise(size_mb, path, [local], ceiling)
+                                        for path in ("send only, no net", "receive only, no net")]
                 else:
                     results["rows"].append(summarise(size_mb, "send only, no net", [local["send"]], ceiling))
                     results["rows"].append(summarise(size_mb, "receive only, no net", [local["receive"]], ceiling))
@@ -369,8 +369,8 @@ def print_table(results):
           "%s, median of %d" % (results["rate_mbit"], results["htb_rate_bit"] / 1e6,
                                 "%s B" % results["htb_burst_bytes"] if results["htb_burst_bytes"] else "tc default",
                                 results["ceiling_MBps"], results["tcp_congestion_control"], results["repeat"]))
-    print("%-7s %-22s %8s %9s %9s %9s %11s %11s" % ("size", "path", "MB/s", "ceiling", "best", "worst",
-                                                      "RSS before", "RSS peak"))
+    print("%-7s %-22s %8s %9s %9s %9s %11s %11s"
+          % ("size", "path", "MB/s", "ceiling", "best", "worst", "RSS before", "RSS peak"))
     for r in results["rows"]:
         size = "%d MB" % r["size_mb"]
         if "error" in r:

@@ -149,8 +149,8 @@ def payload_rows(data: dict) -> list:
         stiefel = row["path"] == "iter/receive_payload"
         spread = ""
         if "best_ratio" in row and len(row.get("runs", [])) > 1:
-            spread = ", median of %d (best %s, worst %s)" % (len(row["runs"]), pct(row["best_ratio"]),
-                                                            pct(row["worst_ratio"]))
+            spread = ", median of %d (best %s, worst %s)" % (
+                len(row["runs"]), pct(row["best_ratio"]), pct(row["worst_ratio"]))
         rows.append(("payload", label, pct(row["ratio"]), ">= %.0f %%" % (100 * TARGET_PAYLOAD) if stiefel else "",
                      ("%.1f MB/s" % row["MBps"] if stiefel else "reference") + spread,
                      row["ratio"] >= TARGET_PAYLOAD if stiefel else None))
