@@ -2,19 +2,31 @@
 
 The serial console is QEMU's stdio; a reader thread stamps every line with the
 host's monotonic clock (seconds since the VM was started) and appends it to a
-log file, so tests can wait for markers and build a timeline. VMs are stopped
-by their PID, never by name.
+log file, so tests can wait for markers and build a timeline. With
+``serial_input=True`` a test types on that console with ``send()``; a prompt
+has no newline yet, so ``wait_for(..., partial=True)`` also looks at the
+unfinished line. VMs are stopped by their PID, never by name.
+
+The second half holds what the ramdisk tests share: the cached ramdisk image,
+this checkout's agents and library laid over it, and a laptop /boot whose
+"kernel" boots into a busybox marker initrd.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OVMF_CODE_CANDIDATES = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS_CANDIDATES = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
@@ -34,7 +46,7 @@ def ovmf_paths():
 class VM(object):
     """One QEMU process. ``netns`` runs it inside a network namespace (for its taps)."""
 
-    def __init__(self, name, workdir, memory=1024, netns=None, uefi=False, smp=1):
+    def __init__(self, name, workdir, memory=1024, netns=None, uefi=False, smp=1, serial_input=False):
         self.name = name
         self.workdir = workdir
         self.memory = memory
@@ -43,6 +55,8 @@ class VM(object):
         self.smp = smp
         self.log_path = os.path.join(workdir, "%s.serial.log" % name)
         self.lines = []  # (seconds since start, text)
+        self.partial = ""  # the serial line being written (a prompt waits here for its answer)
+        self.serial_input = serial_input
         self.proc = None
         self.started_at = None
         self._cond = threading.Condition()
@@ -99,7 +113,8 @@ class VM(object):
             handle.write(" ".join(argv) + "\n")
         open(self.log_path, "w").close()
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if self.serial_input else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -116,13 +131,20 @@ class VM(object):
                 while b"\n" in buf:
                     raw, buf = buf.split(b"\n", 1)
                     self._line(log, raw)
+                with self._cond:
+                    self.partial = self._clean(buf)
+                    self._cond.notify_all()
             if buf:
                 self._line(log, buf)
         with self._cond:
             self._cond.notify_all()
 
+    @staticmethod
+    def _clean(raw):
+        return raw.decode("utf-8", "replace").replace("\r", "").replace("\x1b", "")
+
     def _line(self, log, raw):
-        text = raw.decode("utf-8", "replace").replace("\r", "").replace("\x1b", "")
+        text = self._clean(raw)
         stamp = time.monotonic() - self.started_at
         log.write("[%8.3f] %s\n" % (stamp, text))
         log.flush()
@@ -139,12 +161,28 @@ class VM(object):
                     return stamp, match
         return None
 
-    def wait_for(self, pattern, timeout, fail_patterns=()):
-        """Wait until a serial line matches ``pattern``; return (seconds since start, match)."""
+    def position(self):
+        """How many whole serial lines there are now: ``wait_for(start=...)`` then sees only later ones."""
+        with self._cond:
+            return len(self.lines)
+
+    def send(self, text):
+        """Type ``text`` on the serial console (needs ``serial_input=True``)."""
+        if self.proc is None or self.proc.stdin is None:
+            raise RuntimeError("%s was not started with serial_input=True" % self.name)
+        self.proc.stdin.write(text.encode("utf-8"))
+        self.proc.stdin.flush()
+
+    def wait_for(self, pattern, timeout, fail_patterns=(), start=0, partial=False):
+        """Wait until a serial line matches ``pattern``; return (seconds since start, match).
+
+        ``start``: ignore the lines before this ``position()``. ``partial``: the line still being
+        written counts too (a prompt), stamped with the time it was seen.
+        """
         regex = re.compile(pattern)
         fails = [re.compile(p) for p in fail_patterns]
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = start
         with self._cond:
             while True:
                 for stamp, text in self.lines[seen:]:
@@ -154,7 +192,11 @@ class VM(object):
                     match = regex.search(text)
                     if match:
                         return stamp, match
-                seen = len(self.lines)
+                seen = max(seen, len(self.lines))
+                if partial and self.partial:
+                    match = regex.search(self.partial)
+                    if match:
+                        return time.monotonic() - self.started_at, match
                 remaining = deadline - time.monotonic()
                 if self.proc.poll() is not None and not self._reader.is_alive():
                     raise MarkerTimeout("%s exited (rc %s) before %r (log %s)" % (self.name, self.proc.returncode, pattern, self.log_path))
@@ -181,3 +223,243 @@ class VM(object):
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+# ------------------------------------------------------------------ the ramdisk under test
+
+MARKER = "STIEFEL-KEXEC-MARKER"
+# /init of the marker initrd: what the served "laptop kernel" boots into. It says it ran, with which command
+# line, and whether the client's NBD PSK archive arrived appended to it (and with which mode).
+MARKER_INIT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /dev /proc
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox mount -t proc proc /proc
+out=/dev/ttyS0
+echo "%s" > $out
+echo "marker-cmdline: $(/bin/busybox cat /proc/cmdline)" > $out
+if [ -s /etc/stiefel/nbd.psk ]; then
+    echo "marker-psk: present $(/bin/busybox stat -c %%a /etc/stiefel/nbd.psk)" > $out
+else
+    echo "marker-psk: missing" > $out
+fi
+/bin/busybox poweroff -f
+""" % MARKER
+
+MERGED_USR = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"))
+# Programs the agents and the ramdisk's /init run that come from packages the image may not have yet.
+HOST_TOOLS = ("usr/bin/mount", "usr/bin/umount")
+
+
+class RamdiskUnavailable(RuntimeError):
+    """The ramdisk image is missing and could not be built (tests skip with this reason)."""
+
+
+def _library():
+    """The collection's module_utils, imported from this checkout (lab/e2e.py never needs them)."""
+    collections = os.path.join(REPO, "collections")
+    if collections not in sys.path:
+        sys.path.insert(0, collections)
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, kexec  # pylint: disable=import-outside-toplevel
+    return cpio, keyfile, kexec
+
+
+def cache_dir():
+    return os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
+
+
+def ramdisk_listing(initrd):
+    """The names in a zstd-compressed newc initrd (no leading ``./``)."""
+    out = subprocess.run("zstd -dc %s 2>/dev/null | cpio -t --quiet 2>/dev/null" % initrd, shell=True,
+                         capture_output=True, text=True).stdout
+    return set(name[2:] if name.startswith("./") else name for name in out.split())
+
+
+def _build_ramdisk(why):
+    print("[qemu] ramdisk image %s: building it with playbooks/build-image.yml" % why, flush=True)
+    proc = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "playbooks/build-image.yml"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RamdiskUnavailable("cannot build the ramdisk image: %s" % (proc.stdout[-2000:] + proc.stderr[-2000:]))
+
+
+def ramdisk_files(require=()):
+    """``(vmlinuz, initrd.img)`` of the cached ramdisk, built when missing or when it lacks a ``require``d path.
+
+    An image built before the role gained a package lacks its files; the role's input hash changed with the
+    package list, so the build rebuilds it.
+    """
+    out = os.path.join(cache_dir(), "ramdisk")
+    kernel, initrd = os.path.join(out, "vmlinuz"), os.path.join(out, "initrd.img")
+    if not (os.path.exists(kernel) and os.path.exists(initrd)):
+        _build_ramdisk("missing")
+    elif require:
+        absent = [path for path in require if path not in ramdisk_listing(initrd)]
+        if absent:
+            _build_ramdisk("lacks %s" % ", ".join(absent))
+    if not os.path.exists(initrd):
+        raise RamdiskUnavailable("no ramdisk image at %s" % initrd)
+    absent = [path for path in require if path not in ramdisk_listing(initrd)]
+    if absent:
+        raise RamdiskUnavailable("the ramdisk image still lacks %s after a build" % ", ".join(absent))
+    return kernel, initrd
+
+
+def ramdisk_fixups(ramdisk, workdir):
+    """Extra archives for gaps in a ramdisk image that is still being built out (printed as NOTEs).
+
+    Merged-/usr symlinks (without ``/bin -> usr/bin`` the ``#!/bin/sh`` /init fails with error -2) and
+    mount/umount (package ``mount``; without them /init cannot mount /proc and finds no role) are copied
+    from this Debian 12 host. The library's newc writer has no symlinks, so GNU cpio makes the archive.
+    Nothing is added to a complete image.
+    """
+    listing = ramdisk_listing(ramdisk)
+    root = os.path.join(workdir, "fixups")
+    names = []
+    for name, target in MERGED_USR:
+        if name not in listing:
+            os.makedirs(root, exist_ok=True)
+            os.symlink(target, os.path.join(root, name))
+            names.append(name)
+    for tool in HOST_TOOLS:
+        if tool not in listing:
+            os.makedirs(os.path.join(root, os.path.dirname(tool)), exist_ok=True)
+            shutil.copy2("/" + tool, os.path.join(root, tool))
+            names += [d for d in ("usr", "usr/bin") if d not in names] + [tool]
+    if not names:
+        return []
+    print("[qemu] NOTE: the ramdisk image lacks %s: adding them from the host for this test"
+          % ", ".join(n for n in names if n not in ("usr", "usr/bin")), flush=True)
+    out = os.path.join(workdir, "fixups.cpio")
+    with open(out, "wb") as handle:
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, check=True, stdout=handle,
+                       input="\n".join(names).encode())
+    return [out]
+
+
+def checkout_overlay(workdir):
+    """The agents and library of this checkout, as they sit in the ramdisk (a later archive wins), so the VMs
+    run the code under test even when the cached image was built from an older checkout."""
+    cpio, _keyfile, _kexec = _library()
+    entries = []
+    dirs = ["usr", "usr/lib", "usr/lib/stiefel", "usr/lib/stiefel/agents"]
+    lib = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
+    parts = lib.split("/")
+    dirs += ["/".join(parts[:i]) for i in range(4, len(parts) + 1)]
+    entries += [cpio.CpioEntry.directory(d) for d in dirs]
+    for name in sorted(os.listdir(os.path.join(REPO, "agents"))):
+        with open(os.path.join(REPO, "agents", name), "rb") as handle:
+            entries.append(cpio.CpioEntry.file("usr/lib/stiefel/agents/" + name, handle.read(), 0o755))
+    source = os.path.join(REPO, "plugins", "module_utils")
+    for name in sorted(os.listdir(source)):
+        if name.endswith(".py"):
+            with open(os.path.join(source, name), "rb") as handle:
+                entries.append(cpio.CpioEntry.file(lib + "/" + name, handle.read(), 0o644))
+    path = os.path.join(workdir, "checkout.cpio")
+    with open(path, "wb") as handle:
+        handle.write(cpio.write_newc(entries))
+    return path
+
+
+def ramdisk_with_key(workdir, ramdisk, key):
+    """The initrd both VMs boot: the cached image, its fixups, this checkout, and the stick's key archive."""
+    cpio, keyfile, kexec = _library()
+    initrd = os.path.join(workdir, "ramdisk-with-key.img")
+    parts = [ramdisk] + ramdisk_fixups(ramdisk, workdir) + [checkout_overlay(workdir)]
+    kexec.concat_files(initrd, parts, cpio.key_archive(keyfile.encode_key(key)))
+    return initrd
+
+
+def marker_initrd(path):
+    """A busybox initramfs (dynamic busybox plus its libraries) whose /init prints MARKER."""
+    cpio, _keyfile, _kexec = _library()
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    dirs = ("bin", "dev", "proc", "etc", "lib", "lib64", "lib/x86_64-linux-gnu")
+    entries = [cpio.CpioEntry.directory(d) for d in dirs]
+    libs = subprocess.run(["ldd", busybox], capture_output=True, text=True, check=True).stdout
+    for line in libs.splitlines():
+        parts = line.split()
+        lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if not lib.startswith("/"):
+            continue
+        real = os.path.realpath(lib)
+        name = lib.lstrip("/")
+        if name.startswith("usr/"):
+            name = name[4:]
+        with open(real, "rb") as handle:
+            entries.append(cpio.CpioEntry.file(name, handle.read(), 0o755))
+    with open(busybox, "rb") as handle:
+        entries.append(cpio.CpioEntry.file("bin/busybox", handle.read(), 0o755))
+    entries.append(cpio.CpioEntry.file("init", MARKER_INIT.encode(), 0o755))
+    with open(path, "wb") as handle:
+        handle.write(cpio.write_newc(entries))
+
+
+def laptop_boot_tree(workdir, kernel, cmdline="console=ttyS0 panic=-1 laptop.own=1"):
+    """A directory with a laptop /boot: ``kernel`` as the laptop kernel, the marker initrd, the boot config."""
+    boot = os.path.join(workdir, "bootfs")
+    os.makedirs(os.path.join(boot, "stiefel"))
+    shutil.copyfile(kernel, os.path.join(boot, "vmlinuz-stiefel-test"))
+    marker_initrd(os.path.join(boot, "initrd.img-stiefel-test"))
+    with open(os.path.join(boot, "stiefel", "boot.json"), "w") as handle:
+        json.dump({"format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-stiefel-test",
+                   "initrd": ["initrd.img-stiefel-test"], "cmdline": cmdline,
+                   "root": "UUID=00000000-0000-0000-0000-000000000000"}, handle)
+    return boot
+
+
+@contextlib.contextmanager
+def vm_lab(name):
+    """``(workdir, link, vms)`` for a test: a scratch directory under the cache, a two-tap virtual cable in a
+    namespace of its own and a list the test appends its VMs to. Afterwards the VMs are stopped by PID, the
+    namespace removed, each serial log's tail printed and the time taken said."""
+    # pylint: disable-next=import-outside-toplevel
+    from lab.netns import VirtualLink
+
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="stf-%s-" % name, dir=cache_dir() if os.path.isdir(cache_dir()) else None)
+    link = VirtualLink(suffix="%s%x" % (name[:2], os.getpid() & 0xFFFF)).create()
+    vms = []
+    try:
+        yield workdir, link, vms
+    finally:
+        for vm in vms:
+            vm.stop()
+        link.destroy()
+        for vm in vms:
+            if os.path.exists(vm.log_path):
+                with open(vm.log_path) as handle:
+                    tail = handle.read()[-6000:]
+                print("\n----- %s serial (tail) -----\n%s" % (vm.name, tail))
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("[%s] took %.1f s" % (name, time.monotonic() - started))
+
+
+class Timeline(object):
+    """Console markers of several VMs on one clock (seconds since ``t0``, when the first VM was started)."""
+
+    FAIL_PATTERNS = (r"Traceback", r"Kernel panic")
+
+    def __init__(self, t0, fail_patterns=FAIL_PATTERNS):
+        self.t0 = t0
+        self.fail_patterns = fail_patterns
+        self.marks = []
+
+    def mark(self, vm, pattern, timeout, start=0, partial=False):
+        """``vm.wait_for`` that prints the line and notes when it appeared on that VM's serial console."""
+        stamp, match = vm.wait_for(pattern, timeout, fail_patterns=self.fail_patterns, start=start, partial=partial)
+        at = stamp + (vm.started_at - self.t0)
+        self.marks.append((at, vm.name, pattern))
+        print("[%7.1f s] %s: %s" % (at, vm.name, match.group(0)), flush=True)
+        return match
+
+    def served_kernel_booted(self, client):
+        """Wait for the marker kernel on ``client``; return its ``marker-cmdline:`` and ``marker-psk:`` lines."""
+        self.mark(client, MARKER, 120)
+        cmdline = self.mark(client, r"marker-cmdline: .*", 30).group(0)
+        psk = self.mark(client, r"marker-psk: .*", 30).group(0)
+        return cmdline, psk
+
+    def show(self):
+        print("\ntimeline (s since the VMs were started):")
+        for at, name, pattern in sorted(self.marks):
+            print("  %7.1f  %-6s %s" % (at, name, pattern))
