@@ -268,7 +268,8 @@ def overlay_root():
 def _converge(root, *extra):
     inventory = "%s," % root
     argv = [ANSIBLE_PLAYBOOK, PLAYBOOK, "-i", inventory, "-c", "community.general.chroot",
-            "-e", "stiefel_hosts=%s" % root, "-e", "ansible_become=false", "-e", "ansible_python_interpreter=/usr/bin/python3", "-e", "standalone_server_disk=/srv/desktop.img",
+            "-e", "stiefel_hosts=%s" % root, "-e", "ansible_become=false",
+            "-e", "ansible_python_interpreter=/usr/bin/python3", "-e", "standalone_server_disk=/srv/desktop.img",
             "-e", "standalone_server_boot_dir=/srv/boot", "-e", '{"standalone_server_interfaces": ["52:54:00:ab:cd:02"]}',
             "-e", "standalone_server_mtu=9000", "-e", "standalone_server_install_packages=false"] + list(extra)
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,

@@ -138,8 +138,11 @@ def test_overrides_of_any_shape_are_checked(overrides):
 _PATHS = st.from_regex(r"\A(/[a-z0-9_-]{1,12}){1,4}\Z")
 
 
-@given(disk=_PATHS, boot=st.one_of(_PATHS.map(lambda p: ("boot_dir", p)),
-                                  st.from_regex(r"\AUUID=[0-9a-f-]{4,36}\Z").map(lambda p: ("boot", p))),
+_BOOTS = st.one_of(_PATHS.map(lambda p: ("boot_dir", p)),
+                   st.from_regex(r"\AUUID=[0-9a-f-]{4,36}\Z").map(lambda p: ("boot", p)))
+
+
+@given(disk=_PATHS, boot=_BOOTS,
        interfaces=st.lists(st.from_regex(r"\A(eth|enp)[0-9]{1,3}\Z"), max_size=3, unique=True),
        mtu=st.integers(1280, 65535), name=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z"),
        debug=st.booleans())
