@@ -372,6 +372,11 @@ def make_handler(state: ServerState, console):
             except StiefelError as exc:
                 self._refuse(403, "unlock failed: %s" % exc)
                 return
+            except OSError as exc:
+                # cryptsetup or mount missing, /run full: not the passphrase's fault, and the client must
+                # hear it (an escaping exception only closed the connection, with a traceback on the console)
+                self._refuse(500, "unlock failed on the server: %s" % exc)
+                return
             with state.lock:
                 state.locked = False
             console("client %s: /boot unlocked" % self.client_address[0])

@@ -241,6 +241,26 @@ def test_unlock_then_payload(http_server, tmp_path):
     assert "dropped input" in console.stream.getvalue()
 
 
+def test_unlock_that_cannot_run_is_refused_clearly(http_server):
+    """cryptsetup missing from an old image, or /run full: an answer and a console line, no traceback."""
+    state, port, console, _unlocked = http_server
+
+    def unlock(_passphrase):
+        raise FileNotFoundError(2, "No such file or directory", "cryptsetup")
+
+    state.unlock = unlock
+    offer = open_session(state)
+    path = "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    status, body = request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.server_nonce,
+                                                                       b"correct horse"))
+    assert status == 500 and b"cryptsetup" in body
+    assert state.locked
+    assert "unlock failed on the server" in console.stream.getvalue()
+    # still serving: the next attempt gets an answer too
+    assert request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.server_nonce,
+                                                               b"correct horse"))[0] == 500
+
+
 def test_payload_replay_limit(http_server):
     state, port, _console, _unlocked = http_server
     state.locked = False
