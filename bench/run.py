@@ -247,7 +247,8 @@ def render_chart(summary: dict, path: Path) -> None:
     cells = {}
     for run in nbd.get("runs", []):
         cells.setdefault((run["rate"], run["server"]), []).append(
-            ("%s C%d" % (run["direction"], run["connections"]), run["ratio"]))
+            ("%s C%d" % (run["direction"], run["connections"]), run["ratio"],
+             run.get("best_ratio") if run.get("repeats", 1) > 1 else None))
     for (rate, server), bars in cells.items():
         groups.append(("%s\n%s" % (rate, server), bars, TARGET_NBD))
     pay = (summary["benchmarks"].get("payload") or {}).get("data") or {}
@@ -255,7 +256,8 @@ def render_chart(summary: dict, path: Path) -> None:
     for row in pay.get("rows", []):
         if "ratio" in row and row["path"] in ("iter/receive_payload", "plain TCP copy"):
             pbars.setdefault(row["size_mb"], []).append(
-                ("payload" if row["path"] == "iter/receive_payload" else "plain TCP", row["ratio"]))
+                ("payload" if row["path"] == "iter/receive_payload" else "plain TCP", row["ratio"],
+                 row.get("best_ratio") if len(row.get("runs", [])) > 1 else None))
     for size_mb, bars in sorted(pbars.items()):
         groups.append(("payload\n%d MB" % size_mb, bars, TARGET_PAYLOAD))
     if not groups:
@@ -269,10 +271,14 @@ def render_chart(summary: dict, path: Path) -> None:
     width = 0.2
     for label, bars, target in groups:
         start = x
-        for name, ratio in bars:
+        for name, ratio, best in bars:
             ax.bar(x, 100 * ratio, width, color=colours.get(name, "#999999"),
                    label=name if name not in seen else None, edgecolor="white", linewidth=0.5)
             seen.add(name)
+            if best is not None:  # bars are medians; the tick is the best run
+                ax.hlines(100 * best, x - width / 3, x + width / 3, colors="#333333", linewidth=1.2,
+                          label=None if "best run" in seen else "best run")
+                seen.add("best run")
             x += width
         ax.hlines(100 * target, start - width / 2, x - width / 2, colors="#c44e52", linewidth=1.6,
                   label=None if "target" in seen else "target")
@@ -282,10 +288,10 @@ def render_chart(summary: dict, path: Path) -> None:
         x += width * 1.6
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("% of TCP payload ceiling (MTU 1500)")
+    ax.set_ylabel("% of TCP payload ceiling (MTU 1500)\nmedian of the runs")
     ax.set_ylim(0, 110)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    ax.legend(fontsize=8, ncol=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     size = nbd.get("size_bytes")
     ax.set_title("stiefel benchmarks %s: NBD%s and boot payload (2.5GbE) vs shaped line rate "
                  "(targets: NBD 93 %%, payload 90 %%)"
