@@ -29,6 +29,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -417,7 +419,18 @@ def tree_names(root):
     return names
 
 
-def pack_tree(root, out_path, level, log_path, owner_root=False):
+def zstd_options(level, long_window=0):
+    """The zstd compression options for ``level`` and a long-distance window of
+    2**long_window bytes (0: zstd's default window for the level)."""
+    opts = ["-%d" % int(level)]
+    if int(level) > 19:
+        opts.insert(0, "--ultra")
+    if int(long_window):
+        opts.append("--long=%d" % int(long_window))
+    return opts
+
+
+def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
     """Pack ``root`` into a zstd-compressed newc archive at ``out_path`` (atomic).
 
     Returns the uncompressed size in bytes.
@@ -427,9 +440,7 @@ def pack_tree(root, out_path, level, log_path, owner_root=False):
     cpio_argv = ["cpio", "--null", "--create", "--format=newc", "--reproducible", "--quiet"]
     if owner_root:
         cpio_argv.append("--owner=0:0")
-    zstd_argv = ["zstd", "-q", "-%d" % int(level), "-T0", "-f", "-o", tmp]
-    if int(level) > 19:
-        zstd_argv.insert(1, "--ultra")
+    zstd_argv = ["zstd", "-q"] + zstd_options(level, long_window) + ["-T0", "-f", "-o", tmp]
     with open(log_path, "ab") as log:
         log.write(("\n$ %s | %s  (%d entries)\n" % (" ".join(cpio_argv), " ".join(zstd_argv), len(names))).encode())
         log.flush()
@@ -527,6 +538,129 @@ def missing_libraries(root, lib_dirs=("usr/lib/x86_64-linux-gnu", "usr/lib", "us
     return missing
 
 
+# --------------------------------------------------------------------------
+# Shrinking the root without losing function
+# --------------------------------------------------------------------------
+
+ICU_DATA_SYMBOL_PREFIX = "icudt"
+
+
+def icu_data_stub_assembly(symbol):
+    """GNU assembler source of ICU's own "stubdata" library: ``symbol`` (e.g.
+    ``icudt72_dat``) is an empty ICU common-data package (the ``ICU_Data_Header``
+    of icu4c/source/stubdata/stubdata.cpp: 32-byte header, magic 0xda27, format
+    "ToCP" 1.0, no entries). ICU then finds no built-in data and every lookup
+    fails cleanly with U_FILE_ACCESS_ERROR."""
+    if not re.fullmatch(ICU_DATA_SYMBOL_PREFIX + "[0-9A-Za-z_]+", symbol):
+        raise RamdiskBuildError("unexpected ICU data symbol %r" % symbol)
+    return "\n".join([
+        "    .section .rodata",
+        "    .globl %s" % symbol,
+        "    .type %s, @object" % symbol,
+        "    .balign 16",
+        "%s:" % symbol,
+        "    .short 32",                # MappedData.headerSize
+        "    .byte 0xda, 0x27",         # MappedData.magic1, magic2
+        "    .short 20, 0",             # UDataInfo.size, reserved
+        "    .byte 0, 0, 2, 0",         # little endian, ASCII family, sizeof(UChar), reserved
+        '    .ascii "ToCP"',            # data format: table of contents
+        "    .byte 1, 0, 0, 0",         # format version
+        "    .byte 0, 0, 0, 0",         # data version
+        "    .zero 8",                  # padding
+        "    .long 0, 0",               # count (no entries), reserved
+        "    .long 0, 0",               # one empty TOC entry, as ICU's stub has
+        "    .size %s, .-%s" % (symbol, symbol),
+        '    .section .note.GNU-stack,"",@progbits',
+        "",
+    ])
+
+
+def find_icu_data_library(root, lib_dir="usr/lib/x86_64-linux-gnu"):
+    """``(path, soname, symbol)`` of the ICU data library in ``root``, or None."""
+    paths = sorted(p for p in glob.glob(os.path.join(root, lib_dir, "libicudata.so.*"))
+                   if not os.path.islink(p))
+    if not paths:
+        return None
+    if len(paths) > 1:
+        raise RamdiskBuildError("more than one ICU data library: %s" % ", ".join(paths))
+    path = paths[0]
+    dyn = subprocess.run(["readelf", "-d", "-W", path], capture_output=True, text=True, check=False).stdout
+    soname = (parse_readelf_dynamic("File: %s\n%s" % (path, dyn)).get(path) or (None, []))[0]
+    syms = subprocess.run(["readelf", "--dyn-syms", "-W", path], capture_output=True, text=True, check=False).stdout
+    symbols = [f[7] for f in (line.split() for line in syms.splitlines())
+               if len(f) >= 8 and f[3] == "OBJECT" and f[6] != "UND" and f[7].startswith(ICU_DATA_SYMBOL_PREFIX)]
+    if not soname or len(symbols) != 1:
+        raise RamdiskBuildError("cannot read the SONAME and data symbol of %s (%r, %r)" % (path, soname, symbols))
+    return path, soname, symbols[0]
+
+
+def replace_icu_data(root, log_path):
+    """Replace the ICU data library (~30 MB, ~10 MB compressed) by ICU's empty
+    stub data, built with the binutils that already check the libraries.
+
+    Returns ``(bytes before, bytes after)``, or None when there is no ICU data
+    library or it is already a stub.
+    """
+    found = find_icu_data_library(root)
+    if not found:
+        return None
+    path, soname, symbol = found
+    before = os.path.getsize(path)
+    if before < 65536:
+        return None
+    with tempfile.TemporaryDirectory(prefix="icustub-") as tmp:
+        src, obj, lib = (os.path.join(tmp, n) for n in ("stub.s", "stub.o", "stub.so"))
+        with open(src, "w", encoding="ascii") as f:
+            f.write(icu_data_stub_assembly(symbol))
+        run_logged(["as", "--64", "-o", obj, src], log_path)
+        run_logged(["ld", "-shared", "-s", "--hash-style=both", "-z", "noexecstack", "-soname", soname,
+                    "-o", lib, obj], log_path)
+        os.chmod(lib, 0o644)
+        shutil.move(lib, path + ".stub")
+    os.replace(path + ".stub", path)
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write("ICU data %s (%s, %s): %d -> %d bytes (stub data)\n"
+                % (os.path.relpath(path, root), soname, symbol, before, os.path.getsize(path)))
+    return before, os.path.getsize(path)
+
+
+HWDB_DIR = "usr/lib/udev/hwdb.d"
+
+
+def rebuild_hwdb(root, exclude, log_path):
+    """Recompile the root's udev hwdb.bin from its hwdb.d sources minus the
+    files matching ``exclude`` (fnmatch on the file name), with the root's own
+    systemd-hwdb (chroot: the build host needs no udev). Returns the names left
+    out."""
+    src_dir = os.path.join(root, HWDB_DIR)
+    if not exclude or not os.path.isdir(src_dir):
+        return []
+    dropped = sorted(n for n in os.listdir(src_dir) if any(fnmatch.fnmatch(n, p) for p in exclude))
+    for name in dropped:
+        os.unlink(os.path.join(src_dir, name))
+    run_logged(["chroot", root, "/usr/bin/systemd-hwdb", "update", "--usr", "--strict"], log_path,
+               env={"PATH": "/usr/sbin:/usr/bin", "LC_ALL": "C"})
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write("hwdb.bin rebuilt without %s\n" % ", ".join(dropped))
+    return dropped
+
+
+def smoke_test(root, commands, log_path):
+    """Run each command (a shell-free argv string) in ``root`` with chroot; the
+    first failure raises. Proves the stripped programs still load their
+    libraries and plugins, which the DT_NEEDED check alone cannot (dlopen)."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
+           "HOME": "/root", "PYTHONDONTWRITEBYTECODE": "1"}
+    for command in commands:
+        argv = shlex.split(command)
+        if not argv:
+            continue
+        try:
+            run_logged(["chroot", root] + argv, log_path, env=env)
+        except RamdiskBuildError:
+            raise RamdiskBuildError("the stripped root fails the smoke test %r; see %s" % (command, log_path)) from None
+
+
 def remove_tree(path):
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
@@ -592,6 +726,10 @@ class RamdiskBuilder:
             "modules_exclude": sorted(cfg["modules_exclude"]),
             "zstd_level": int(cfg["zstd_level"]),
             "compress_modules": cfg.get("compress_modules", "none"),
+            "zstd_long": int(cfg.get("zstd_long") or 0),
+            "hwdb_exclude": sorted(cfg.get("hwdb_exclude") or []),
+            "icu_data_stub": bool(cfg.get("icu_data_stub")),
+            "smoke_commands": list(cfg.get("smoke_commands") or []),
         }
         self.base_hash = canonical_hash(base_inputs)
         self.files = overlay_files(cfg["library_dir"], cfg.get("agents_dir") or "", cfg["init_path"])
@@ -599,6 +737,10 @@ class RamdiskBuilder:
         self.input_hash = canonical_hash({"base": self.base_hash, "files": self.file_hashes})
 
     # -- helpers ---------------------------------------------------------
+    @property
+    def compression(self):
+        return " ".join(["zstd"] + zstd_options(self.cfg["zstd_level"], self.cfg.get("zstd_long") or 0))
+
     def _log(self, name):
         os.makedirs(self.logs, exist_ok=True)
         path = os.path.join(self.logs, name + ".log")
@@ -707,6 +849,8 @@ class RamdiskBuilder:
             if any(codes):
                 raise RamdiskBuildError("xz failed compressing kernel modules; see %s" % log)
         run_logged(["depmod", "-b", root, kver], log)
+        # before strip_paths removes the hwdb sources
+        hwdb_dropped = rebuild_hwdb(root, self.cfg.get("hwdb_exclude") or [], log)
         # files a ramdisk does not need
         for pattern in self.cfg["strip_paths"]:
             for path in glob.glob(os.path.join(root, pattern.lstrip("/"))):
@@ -714,6 +858,7 @@ class RamdiskBuilder:
                 if not real.startswith(os.path.realpath(root) + os.sep):
                     continue
                 remove_tree(path)
+        icu = replace_icu_data(root, log) if self.cfg.get("icu_data_stub") else None
         missing = missing_libraries(root)
         if missing:
             with open(log, "a", encoding="utf-8") as f:
@@ -721,10 +866,12 @@ class RamdiskBuilder:
             raise RamdiskBuildError("the stripped root misses shared libraries %s (needed by %s); "
                                     "fix ramdisk_strip_paths; see %s"
                                     % (", ".join(sorted(missing)), ", ".join(sorted({f for v in missing.values() for f in v})[:5]), log))
+        smoke_test(root, self.cfg.get("smoke_commands") or [], log)
         size_after = dir_size(root)
         data = {"hash": self.base_hash, "kernel_version": kver, "packages": versions,
                 "modules_kept": len(keep), "modules_total": len(deps),
-                "root_bytes_before_strip": size_before, "root_bytes": size_after}
+                "root_bytes_before_strip": size_before, "root_bytes": size_after,
+                "hwdb_dropped": hwdb_dropped, "icu_data_bytes": list(icu) if icu else None}
         write_json_atomic(stamp, data)
         with open(log, "a", encoding="utf-8") as f:
             f.write("root %d -> %d bytes\n" % (size_before, size_after))
@@ -738,14 +885,15 @@ class RamdiskBuilder:
         if stamp_hash(meta_path) == self.base_hash and os.path.isfile(self.base_archive):
             return self._result(False, "base archive is up to date")
         if self.check:
-            return self._result(True, "would pack the base root (cpio + zstd -%d)" % int(self.cfg["zstd_level"]))
+            return self._result(True, "would pack the base root (cpio + %s)" % self.compression)
         if stamp_hash(os.path.join(self.base_dir, "stamp.json")) != self.base_hash:
             raise RamdiskBuildError("the base root is not stripped for these inputs; run the strip step first")
         log = self._log("pack-base")
         start = time.monotonic()
         if os.path.exists(meta_path):
             os.unlink(meta_path)
-        size = pack_tree(self.root, self.base_archive, self.cfg["zstd_level"], log)
+        size = pack_tree(self.root, self.base_archive, self.cfg["zstd_level"], log,
+                         long_window=self.cfg.get("zstd_long") or 0)
         write_json_atomic(meta_path, {"hash": self.base_hash, "uncompressed_bytes": size,
                                       "compressed_bytes": os.path.getsize(self.base_archive)})
         return self._result(True, "packed the base root: %.1f MB -> %.1f MB"
@@ -781,7 +929,8 @@ class RamdiskBuilder:
         os.chmod(self.overlay_dir, 0o755)
         if os.path.exists(meta_path):
             os.unlink(meta_path)
-        size = pack_tree(self.overlay_dir, self.overlay_archive, self.cfg["zstd_level"], log, owner_root=True)
+        size = pack_tree(self.overlay_dir, self.overlay_archive, self.cfg["zstd_level"], log, owner_root=True,
+                         long_window=self.cfg.get("zstd_long") or 0)
         write_json_atomic(meta_path, {"hash": self.input_hash, "uncompressed_bytes": size,
                                       "compressed_bytes": os.path.getsize(self.overlay_archive),
                                       "files": self.file_hashes})
@@ -862,7 +1011,7 @@ class RamdiskBuilder:
             "initrd_archives_bytes": archives,
             "initrd_uncompressed_bytes": (base_meta.get("uncompressed_bytes") or 0)
             + (overlay_meta.get("uncompressed_bytes") or 0),
-            "compression": "zstd -%d" % int(self.cfg["zstd_level"]),
+            "compression": self.compression,
             "files": {name: {"size": os.path.getsize(p), "sha256": sha256_file(p)}
                       for name, p in (("vmlinuz", kernel), ("initrd.img", initrd))},
         }

@@ -93,6 +93,33 @@ options:
     description: zstd compression level for the initrd archives.
     type: int
     default: 9
+  zstd_long:
+    description:
+      - zstd long-distance matching window as a power of two (C(--long=N)); 0 turns it off.
+      - At most 27, the window the zstd tool and the kernel decompress without being asked
+        for more memory (the kernel allocates it while unpacking the initrd).
+    type: int
+    default: 0
+  hwdb_exclude:
+    description:
+      - udev hwdb source files (fnmatch on the name in C(/usr/lib/udev/hwdb.d)) left out when
+        C(hwdb.bin) is recompiled in the root with its own C(systemd-hwdb). Empty keeps Debian's C(hwdb.bin).
+    type: list
+    elements: str
+    default: []
+  icu_data_stub:
+    description:
+      - Replace the ICU data library by ICU's empty stub data (same SONAME and symbol), built with
+        C(as) and C(ld). For roots where ICU is only linked in, never asked for data.
+    type: bool
+    default: false
+  smoke_commands:
+    description:
+      - Commands (split like a shell, no shell) run in the stripped root with C(chroot); the strip
+        stage fails when one exits non-zero.
+    type: list
+    elements: str
+    default: []
   library_dir:
     description: The collection's C(plugins/module_utils) directory, installed into the ramdisk.
     type: path
@@ -111,7 +138,7 @@ options:
     default: ""
 notes:
   - Check mode reports which stages would run and builds nothing.
-  - Needs root, mmdebstrap, cpio, zstd and depmod on the build host.
+  - Needs root, mmdebstrap, cpio, zstd, depmod, chroot and binutils (readelf, as, ld) on the build host.
 """
 
 EXAMPLES = r"""
@@ -185,6 +212,10 @@ def main():
             modules_exclude=dict(type="list", elements="str", default=[]),
             compress_modules=dict(type="str", default="none", choices=["none", "xz"]),
             zstd_level=dict(type="int", default=9),
+            zstd_long=dict(type="int", default=0),
+            hwdb_exclude=dict(type="list", elements="str", default=[]),
+            icu_data_stub=dict(type="bool", default=False),
+            smoke_commands=dict(type="list", elements="str", default=[]),
             library_dir=dict(type="path", required=True),
             agents_dir=dict(type="path", default=""),
             init_path=dict(type="path", required=True),
@@ -196,6 +227,8 @@ def main():
     step = params.pop("step")
     if not 1 <= params["zstd_level"] <= 22:
         module.fail_json(msg="zstd_level must be between 1 and 22, got %d" % params["zstd_level"])
+    if params["zstd_long"] and not 10 <= params["zstd_long"] <= 27:
+        module.fail_json(msg="zstd_long must be 0 or between 10 and 27, got %d" % params["zstd_long"])
     try:
         builder = RamdiskBuilder(params, check=module.check_mode)
         result = builder.run(step)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
 
 import pytest
 from hypothesis import given, strategies as st
@@ -246,3 +248,117 @@ def test_tree_names_keeps_symlinked_directories(tmp_path):
     names = rb.tree_names(str(tmp_path))
     assert sorted(names) == ["bin", "usr", "usr/bin", "usr/bin/sh", "usr/lib"]
     assert names.index("usr") < names.index("usr/bin") < names.index("usr/bin/sh")
+
+
+# ---------------------------------------------------------------- shrinking
+
+
+def test_zstd_options():
+    assert rb.zstd_options(12) == ["-12"]
+    assert rb.zstd_options(12, 27) == ["-12", "--long=27"]
+    assert rb.zstd_options(22, 0) == ["--ultra", "-22"]
+
+
+def test_new_strip_inputs_change_the_base_hash(tmp_path):
+    cfg = _config(tmp_path)
+    base = rb.RamdiskBuilder(cfg).base_hash
+    for key, value in (("zstd_long", 27), ("hwdb_exclude", ["20-OUI.hwdb"]), ("icu_data_stub", True),
+                       ("smoke_commands", ["kexec --version"])):
+        assert rb.RamdiskBuilder(dict(cfg, **{key: value})).base_hash != base, key
+    assert rb.RamdiskBuilder(dict(cfg, hwdb_exclude=["b", "a"])).base_hash == \
+        rb.RamdiskBuilder(dict(cfg, hwdb_exclude=["a", "b"])).base_hash
+    assert rb.RamdiskBuilder(dict(cfg, zstd_long=27)).compression == "zstd -3 --long=27"
+
+
+def test_icu_stub_assembly_refuses_odd_symbols():
+    text = rb.icu_data_stub_assembly("icudt72_dat")
+    assert "icudt72_dat:" in text and '.ascii "ToCP"' in text
+    for bad in ("", "main", "icudt", "icudt72_dat; .globl x", "icudt72_dat\n.text", "../icudt", "icudt\u00e9"):
+        with pytest.raises(rb.RamdiskBuildError):
+            rb.icu_data_stub_assembly(bad)
+
+
+@given(st.text(max_size=40))
+def test_icu_stub_assembly_never_emits_foreign_text(symbol):
+    try:
+        text = rb.icu_data_stub_assembly(symbol)
+    except rb.RamdiskBuildError:
+        return
+    assert symbol.startswith("icudt") and symbol.isascii() and all(c.isalnum() or c == "_" for c in symbol)
+    assert "\n" not in symbol and text.count(symbol) == 5
+
+
+needs_binutils = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "ld", "readelf")),
+                                    reason="needs binutils (as, ld, readelf)")
+
+
+def _fake_icu_data(root, size):
+    """A libicudata.so.72.1 with a ``size``-byte icudt72_dat, like Debian's."""
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    libdir.mkdir(parents=True)
+    src = root / "big.s"
+    src.write_text(".section .rodata\n.globl icudt72_dat\n.type icudt72_dat, @object\nicudt72_dat:\n"
+                   ".zero %d\n.size icudt72_dat, .-icudt72_dat\n.section .note.GNU-stack,\"\",@progbits\n" % size)
+    subprocess.run(["as", "--64", "-o", str(root / "big.o"), str(src)], check=True)
+    lib = libdir / "libicudata.so.72.1"
+    subprocess.run(["ld", "-shared", "-soname", "libicudata.so.72", "-o", str(lib), str(root / "big.o")], check=True)
+    (libdir / "libicudata.so.72").symlink_to("libicudata.so.72.1")
+    for p in (src, root / "big.o"):
+        p.unlink()
+    return lib
+
+
+@needs_binutils
+def test_replace_icu_data_keeps_soname_and_symbol(tmp_path):
+    root = tmp_path / "root"
+    lib = _fake_icu_data(root, 200000)
+    log = tmp_path / "strip.log"
+    before, after = rb.replace_icu_data(str(root), str(log))
+    assert before > 200000 and after == lib.stat().st_size and after < 16384
+    assert rb.find_icu_data_library(str(root)) == (str(lib), "libicudata.so.72", "icudt72_dat")
+    syms = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    assert [line.split()[2] for line in syms.splitlines() if line.endswith(" icudt72_dat")] == ["48"]
+    # ICU_Data_Header: headerSize 32, magic 0xda27, UDataInfo size 20, "ToCP"
+    data = subprocess.run(["readelf", "-x", ".rodata", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert "2000da27 14000000 00000200 546f4350" in data
+    assert rb.missing_libraries(str(root)) == {}
+    assert rb.replace_icu_data(str(root), str(log)) is None  # already a stub: nothing to do
+    assert "stub data" in log.read_text()
+
+
+def test_replace_icu_data_without_icu(tmp_path):
+    (tmp_path / "usr" / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
+    assert rb.replace_icu_data(str(tmp_path), str(tmp_path / "log")) is None
+
+
+def test_rebuild_hwdb_only_when_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rb, "run_logged", lambda argv, log, **kw: calls.append(argv))
+    hwdb = tmp_path / rb.HWDB_DIR
+    assert rb.rebuild_hwdb(str(tmp_path), ["20-OUI.hwdb"], "log") == []  # no sources: nothing to do
+    hwdb.mkdir(parents=True)
+    for name in ("20-OUI.hwdb", "20-pci-vendor-model.hwdb", "60-keyboard.hwdb"):
+        (hwdb / name).write_text("x\n")
+    assert rb.rebuild_hwdb(str(tmp_path), [], "log") == [] and not calls
+    assert rb.rebuild_hwdb(str(tmp_path), ["20-*vendor*", "20-OUI.hwdb"], str(tmp_path / "log")) == \
+        ["20-OUI.hwdb", "20-pci-vendor-model.hwdb"]
+    assert sorted(p.name for p in hwdb.iterdir()) == ["60-keyboard.hwdb"]
+    assert calls == [["chroot", str(tmp_path), "/usr/bin/systemd-hwdb", "update", "--usr", "--strict"]]
+
+
+def test_smoke_test_runs_each_command_in_the_root(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(argv, log, **kw):
+        calls.append((argv, kw["env"]["PYTHONDONTWRITEBYTECODE"]))
+        if argv[2] == "false":
+            raise rb.RamdiskBuildError("false failed")
+
+    monkeypatch.setattr(rb, "run_logged", fake)
+    rb.smoke_test("/r", ["kexec --version", "", 'python3 -c "import ssl, json"'], "log")
+    assert calls == [(["chroot", "/r", "kexec", "--version"], "1"),
+                     (["chroot", "/r", "python3", "-c", "import ssl, json"], "1")]
+    with pytest.raises(rb.RamdiskBuildError, match="smoke test 'false'"):
+        rb.smoke_test("/r", ["true", "false", "never"], "log")
+    assert calls[-1][0][2] == "false"
