@@ -118,7 +118,7 @@ def test_initrd_contents(built, members):
     assert _has(members, "dist-packages/cryptography/__init__.py")
     assert _has(members, "dist-packages/pyroute2/__init__.py")
     for tool in ("usr/sbin/kexec", "usr/sbin/nbd-client", "usr/bin/nbdkit", "usr/bin/mount", "usr/bin/setsid", "usr/bin/udevadm",
-                 "usr/lib/systemd/systemd-udevd", "usr/sbin/modprobe"):
+                 "usr/lib/systemd/systemd-udevd", "usr/sbin/modprobe", "usr/sbin/cryptsetup"):
         assert tool in names, tool
     assert _has(members, "nbdkit/plugins/nbdkit-nbd-plugin.so")
     # the library and the agents
@@ -139,6 +139,11 @@ def test_initrd_contents(built, members):
     assert "usr/lib/modules/%s/modules.dep" % kver in names
     # stripped
     assert not [n for n in names if n.startswith("usr/share/doc/") or n.startswith("usr/share/man/")]
+    # ICU's data is the empty stub (libxml2 still links libicuuc), hwdb.bin has no vendor name databases
+    icu_data = [n for n in names if n.startswith("usr/lib/x86_64-linux-gnu/libicudata.so.") and members[n][1]]
+    assert icu_data and all(members[n][1] < 65536 for n in icu_data), [(n, members[n]) for n in icu_data]
+    assert 0 < members["usr/lib/udev/hwdb.bin"][1] < 2_000_000
+    assert "usr/bin/perl" not in names
     assert "var/lib/dpkg/status" not in names
     assert not [n for n in names if n.startswith("boot/")]
 
