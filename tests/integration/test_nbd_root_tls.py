@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -113,10 +114,54 @@ def build_boot_files():
             shutil.rmtree(root, ignore_errors=True)
 
 
-def make_disk(path, root_uuid):
+def make_disk(path, root_uuid, content=None):
     run(["truncate", "-s", "64M", path])
     run(["sfdisk", "-q", path], input=b"label: gpt\nstart=2048, size=120000, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
-    run(["mkfs.ext4", "-q", "-F", "-U", root_uuid, "-E", "offset=1048576", path, "60000k"])
+    populate = ["-d", content] if content else []
+    run(["mkfs.ext4", "-q", "-F", "-U", root_uuid, "-E", "offset=1048576"] + populate + [path, "60000k"])
+
+
+# PID 1 of the link-cut test's root. It first copies busybox and its libraries
+# to a tmpfs of its own (/run is noexec) and runs from there, so that a
+# dead disk cannot take the reader's own code pages with it; then it reads a
+# new stretch of /dev/nbd0 every second (page cache dropped, 256 KiB apart so
+# readahead never serves it) and says, with its uptime, whether the read came back.
+READER_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t tmpfs -o size=16m tmpfs /mnt
+/bin/busybox cp /bin/busybox /lib/x86_64-linux-gnu/* /lib64/* /mnt/
+exec /mnt/ld-linux-x86-64.so.2 --library-path /mnt /mnt/busybox sh -c '
+bb="/mnt/ld-linux-x86-64.so.2 --library-path /mnt /mnt/busybox"
+$bb mount -t proc proc /proc
+echo LINKCUT-READY
+i=0
+while :; do
+    i=$((i + 1))
+    echo 3 > /proc/sys/vm/drop_caches
+    read -r up _ < /proc/uptime
+    if $bb dd if=/dev/nbd0 of=/dev/null bs=4096 count=1 skip=$((i * 64 % 16000)) 2>/dev/null; then
+        echo "LINKCUT-READ ok $i (asked at $up)"
+    else
+        echo "LINKCUT-READ failed $i (asked at $up)"
+    fi
+    $bb sleep 1
+done'
+"""
+
+
+def reader_root(path):
+    """A root holding busybox, its libraries and READER_INIT as /sbin/init."""
+    for sub in ("bin", "sbin", "proc", "sys", "dev", "run", "mnt", "lib64", "lib/x86_64-linux-gnu"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    shutil.copy("/bin/busybox", os.path.join(path, "bin/busybox"))
+    ldd = subprocess.run(["ldd", "/bin/busybox"], check=True, capture_output=True, text=True).stdout
+    for lib in (word for word in ldd.split() if word.startswith("/")):
+        os.makedirs(os.path.join(path, os.path.dirname(lib).lstrip("/")), exist_ok=True)
+        shutil.copy(os.path.realpath(lib), os.path.join(path, lib.lstrip("/")))
+    init = os.path.join(path, "sbin/init")
+    with open(init, "w") as handle:
+        handle.write(READER_INIT)
+    os.chmod(init, 0o755)
+    return path
 
 
 class Lab:
@@ -139,6 +184,13 @@ class Lab:
         self.nsrun(["ip", "link", "set", "lo", "up"])
         self.nsrun(["ip", "addr", "add", SERVER_LL + "/64", "dev", self.vb, "nodad"])
         self.nsrun(["ip", "link", "set", self.vb, "up"])
+
+    def cut(self):
+        """Pull the virtual cable: the tap leaves the bridge (it and QEMU stay up)."""
+        run(["ip", "link", "set", self.tap, "nomaster"])
+
+    def mend(self):
+        run(["ip", "link", "set", self.tap, "master", self.br])
 
     def nsrun(self, argv):
         run(["ip", "netns", "exec", self.ns] + argv)
@@ -173,8 +225,8 @@ class Lab:
             subprocess.run(argv, check=False, stderr=subprocess.DEVNULL)
 
 
-def boot(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port):
-    """Boot kernel + initrd + PSK cpio; return the console text."""
+def start_vm(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port, extra=""):
+    """Start kernel + initrd + PSK cpio in QEMU; return (process, console path)."""
     combined = os.path.join(workdir, "initrd-%s.img" % tag)
     with open(combined, "wb") as out, open(initrd, "rb") as base:
         shutil.copyfileobj(base, out)
@@ -182,19 +234,26 @@ def boot(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port):
         out.write(psk_cpio)
     console = os.path.join(workdir, "console-%s.log" % tag)
     append = ("console=ttyS0 root=UUID=%s ro stiefel.mac=%s stiefel.server=%s stiefel.port=%d "
-              "stiefel.export=stiefel stiefel.tls=psk stiefel.debug panic=-1" % (root_uuid, MAC, SERVER_LL, port))
+              "stiefel.export=stiefel stiefel.tls=psk stiefel.debug panic=-1 %s"
+              % (root_uuid, MAC, SERVER_LL, port, extra))
     argv = ["qemu-system-x86_64", "-M", "q35", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
-            "-kernel", kernel, "-initrd", combined, "-append", append,
+            "-kernel", kernel, "-initrd", combined, "-append", append.strip(),
             "-netdev", "tap,id=n0,ifname=%s,script=no,downscript=no" % lab.tap,
             "-device", "virtio-net-pci,netdev=n0,mac=%s" % MAC]
-    started = time.monotonic()
     with open(console, "wb") as handle:
         proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            proc.wait(BOOT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return proc, console
+
+
+def boot(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port):
+    """Boot kernel + initrd + PSK cpio until QEMU exits; return the console text."""
+    started = time.monotonic()
+    proc, console = start_vm(lab, kernel, initrd, psk_cpio, workdir, tag, root_uuid, port)
+    try:
+        proc.wait(BOOT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     text = open(console, "rb").read().decode("utf-8", "replace")
     log("boot %s: %.1f s, console %s" % (tag, time.monotonic() - started, console))
     for line in text.splitlines():
@@ -280,3 +339,97 @@ def test_plaintext_server_refused(boot_files, lab, tmp_path):
     text = boot(lab, kernel, initrd, archive, str(tmp_path), "plaintext", root_uuid, port)
     assert "does not speak TLS; refusing plaintext" in text, text[-3000:]
     assert "EXT4-fs (nbd0" not in text
+
+
+def wait_console(console, pattern, timeout, after=0, count=1):
+    """Seconds until `pattern` appears `count` times in the console past offset `after`.
+
+    None on timeout or on a kernel panic.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        text = open(console, "rb").read()[after:].decode("utf-8", "replace")
+        if len(re.findall(pattern, text)) >= count:
+            return time.monotonic() - started
+        if "Kernel panic" in text:
+            return None
+        time.sleep(0.5)
+    return None
+
+
+LINKCUT_TIMEOUT = 20
+
+
+def start_reader(boot_files, lab, tmp_path, tag):
+    """Boot the laptop kernel on a root whose init reads /dev/nbd0 every second."""
+    kernel, initrd = boot_files
+    archive, line = session_psk()
+    psk_file, prio, _, _ = server_files(tmp_path, line)
+    root_uuid = str(uuidlib.uuid4())
+    disk = str(tmp_path / "reader.img")
+    make_disk(disk, root_uuid, reader_root(str(tmp_path / "reader-root")))
+    port = 20000 + os.getpid() % 10000
+    lab.serve(disk, port, psk_file, str(tmp_path / "nbdkit.log"), prio)
+    proc, console = start_vm(lab, kernel, initrd, archive, str(tmp_path), tag, root_uuid, port,
+                             extra="stiefel.timeout=%d" % LINKCUT_TIMEOUT)
+    if wait_console(console, r"LINKCUT-READ ok 3", BOOT_TIMEOUT) is None:
+        proc.kill()
+        proc.wait()
+        pytest.fail(open(console, "rb").read()[-3000:].decode("utf-8", "replace"))
+    return proc, console
+
+
+def console_since(console, mark):
+    text = open(console, "rb").read()[mark:].decode("utf-8", "replace")
+    for row in text.splitlines():
+        if ("nbd" in row and "I/O error" not in row) or "LINKCUT" in row:
+            print("    " + row.strip())
+    return text
+
+
+def test_link_cut_fails_clearly(boot_files, lab, tmp_path):
+    """A cable cut longer than stiefel.timeout fails the disk with the kernel's clear message.
+
+    Debian 12's nbd-client does not reconnect in netlink mode (design brief section 4), so the
+    hook sets a dead-connection timeout (nbd-client -t) instead of hanging for ever.
+    """
+    proc, console = start_reader(boot_files, lab, tmp_path, "longcut")
+    try:
+        mark = os.path.getsize(console)
+        lab.cut()
+        # the kernel retries on each of the -C 4 connections before it gives up
+        failed = wait_console(console, r"LINKCUT-READ failed", 6 * LINKCUT_TIMEOUT + 30, after=mark)
+        text = console_since(console, mark)
+        log("long cut: a read failed %.1f s after the cable was cut (stiefel.timeout=%d)"
+            % (failed or -1, LINKCUT_TIMEOUT))
+        assert failed is not None, text[-3000:]
+        assert "block nbd0: Connection timed out" in text, text[-3000:]
+        assert "Dead connection" in text, text[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# Not strict: seen both ways here. Twice, after a 5 s cut (tap down, tap off the bridge) two or
+# three reads came back and then the connection through the TLS proxy stalled for good, so
+# stiefel.timeout failed the disk; once the reads went on. Cause not pinned down.
+@pytest.mark.xfail(strict=False, reason=(
+    "a short cut is not reliably ridden out: seen here to stall the TLS proxy's connection for good "
+    "after a few reads (and seen to recover once); nbd-client cannot reconnect in netlink mode (issue 4)"))
+def test_short_link_cut_ridden_out(boot_files, lab, tmp_path):
+    """A cut shorter than stiefel.timeout should leave the OS running: reads go on for 2 timeouts."""
+    proc, console = start_reader(boot_files, lab, tmp_path, "shortcut")
+    try:
+        mark = os.path.getsize(console)
+        lab.cut()
+        time.sleep(5)
+        lab.mend()
+        failed = wait_console(console, r"LINKCUT-READ failed|Connection timed out", 2 * LINKCUT_TIMEOUT + 10,
+                              after=mark)
+        text = console_since(console, mark)
+        log("short cut (5 s): %s" % ("the disk failed %.1f s later" % failed if failed else "reads went on"))
+        assert failed is None, text[-3000:]
+        assert len(re.findall(r"LINKCUT-READ ok", text)) >= LINKCUT_TIMEOUT, text[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
