@@ -349,6 +349,8 @@ def main(argv=None) -> int:
         out = out_dir / ("%s.json" % name)
         if args.collect_only:
             info = {k: v for k, v in ((previous or {}).get("benchmarks", {}).get(name) or {}).items() if k != "data"}
+            if info.get("status") not in ("ok", "collected"):  # its JSON came from elsewhere: no time or load
+                info = {}
             info.update(status="collected", collected_only=True)
         else:
             log("benchmark %d/%d: %s (load %s)" % (i, len(args.only), name, fmt_load(loadavg())))
