@@ -20,6 +20,7 @@ returns everything one ``recv`` brought, which keeps ``select()`` honest). The d
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import time
@@ -148,6 +149,11 @@ class Link(object):
         return "Link(%s #%d %s %s)" % (self.ifname, self.index, self.mac, self.link_local)
 
 
+def link_gone(exc):
+    """Whether a link command failed because the link no longer exists (pyroute2's NetlinkError has ``code``)."""
+    return errno.ENODEV in (getattr(exc, "code", None), getattr(exc, "errno", None))
+
+
 def parse_mtu(value):
     """The ``stiefel.mtu=`` option: None, or an int within IPv6 limits."""
     if value in (None, ""):
@@ -273,13 +279,18 @@ class LinkManager(object):
         try:
             self._cmd.link("set", **kwargs)
         except Exception as exc:  # pylint: disable=broad-except
-            # The link may be gone already, or the NIC refuses the MTU: retry without it.
+            if link_gone(exc):
+                # Unplugged (a NIC going away is taken down first, which asked for it to come up again):
+                # its RTM_DELLINK follows and says it disappeared; nothing failed.
+                return
+            # The NIC refuses the MTU: retry without it.
             if mtu:
                 self.log("link #%d: MTU %d refused (%s); bringing it up with its default MTU" % (index, mtu, exc))
                 try:
                     self._cmd.link("set", index=index, state="up")
                 except Exception as exc2:  # pylint: disable=broad-except
-                    self.log("link #%d: cannot bring it up: %s" % (index, exc2))
+                    if not link_gone(exc2):
+                        self.log("link #%d: cannot bring it up: %s" % (index, exc2))
             else:
                 self.log("link #%d: cannot bring it up: %s" % (index, exc))
 

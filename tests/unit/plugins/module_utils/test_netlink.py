@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import socket
 
 import pytest
@@ -33,7 +34,7 @@ def test_new_link_is_brought_up_with_mtu():
     assert actions == [("up", 3, 9000)]
     assert "appeared" in notices[0]
     # once up with the right MTU, nothing more to do
-    actions, _ = lm.handle(netlink.event_from_message(newlink(3, "eth0", "52:54:00:00:00:01", flags=1, mtu=9000)))
+    actions, _notices = lm.handle(netlink.event_from_message(newlink(3, "eth0", "52:54:00:00:00:01", flags=1, mtu=9000)))
     assert actions == []
 
 
@@ -56,11 +57,11 @@ def test_link_local_lifecycle():
     assert lm.ready_links() == []
     lm.handle(netlink.event_from_message(newaddr(3, "2001:db8::1")))  # not link-local: ignored
     assert lm.ready_links() == []
-    _, notices = lm.handle(netlink.event_from_message(newaddr(3, "FE80::1")))
+    _actions, notices = lm.handle(netlink.event_from_message(newaddr(3, "FE80::1")))
     assert [l.link_local for l in lm.ready_links()] == ["fe80::1"] and "ready" in notices[0]
     lm.handle(netlink.event_from_message(newaddr(3, "fe80::1", event="RTM_DELADDR")))
     assert lm.ready_links() == []
-    _, notices = lm.handle(netlink.event_from_message(newlink(3, "eth0", None, event="RTM_DELLINK")))
+    _actions, notices = lm.handle(netlink.event_from_message(newlink(3, "eth0", None, event="RTM_DELLINK")))
     assert lm.links == {} and "disappeared" in notices[0]
 
 
@@ -154,3 +155,52 @@ def test_open_and_process_through_seams():
     assert ("set", {"index": 2, "state": "up"}) in cmd.calls
     assert any("MTU 9000 refused" in line for line in lines)
     assert [l.ifname for l in lm.ready_links()] == ["eth0"]
+
+
+class VanishedLinkError(Exception):
+    """What pyroute2 raises for a link command on a removed interface: NetlinkError(code=ENODEV)."""
+
+    def __init__(self):
+        super().__init__(errno.ENODEV, "No such device")
+        self.code = errno.ENODEV
+
+
+class UnpluggingCmd(FakeCmd):
+    def link(self, verb, **kwargs):
+        self.calls.append((verb, kwargs))
+        raise VanishedLinkError()
+
+
+@pytest.mark.parametrize("mtu", [None, 9000])
+def test_unplugged_link_is_not_reported_as_a_failure(mtu):
+    # A NIC pulled right after it appeared (or one going down on its way out) is asked to come up and the
+    # kernel answers ENODEV. That is the link disappearing, which RTM_DELLINK reports, not an error to show.
+    cmd = UnpluggingCmd([], [])
+    events = FakeEvents([[newlink(2, "eth0", "52:54:00:00:00:01", flags=0, mtu=1500),
+                          newlink(2, "eth0", "52:54:00:00:00:01", event="RTM_DELLINK")]])
+    lines = []
+    lm = netlink.LinkManager(mtu=mtu, log=lines.append, ipr_factory=lambda: cmd, events_factory=lambda: events)
+    lm.open()
+    lm.process()
+    assert cmd.calls == [("set", dict({"index": 2, "state": "up"}, **({"mtu": mtu} if mtu else {})))]  # no retry
+    assert lines == ["link eth0 appeared (mac 52:54:00:00:00:01)", "link eth0 disappeared"]
+    assert lm.links == {}
+
+
+def test_other_failures_to_bring_a_link_up_are_still_shown():
+    class RefusingCmd(FakeCmd):
+        def link(self, verb, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+    cmd = RefusingCmd([newlink(2, "eth0", "52:54:00:00:00:01")], [])
+    lines = []
+    netlink.LinkManager(log=lines.append, ipr_factory=lambda: cmd, events_factory=lambda: FakeEvents([])).open()
+    assert any("cannot bring it up" in line and "not permitted" in line for line in lines)
+
+
+def test_link_gone_knows_pyroute2s_error():
+    exceptions = pytest.importorskip("pyroute2.netlink.exceptions")
+    assert netlink.link_gone(exceptions.NetlinkError(errno.ENODEV, "No such device"))
+    assert not netlink.link_gone(exceptions.NetlinkError(errno.EBUSY, "Device or resource busy"))
+    assert netlink.link_gone(OSError(errno.ENODEV, "No such device"))
+    assert not netlink.link_gone(ValueError("mtu"))
