@@ -5,7 +5,9 @@ host's monotonic clock (seconds since the VM was started) and appends it to a
 log file, so tests can wait for markers and build a timeline. With
 ``serial_input=True`` a test types on that console with ``send()``; a prompt
 has no newline yet, so ``wait_for(..., partial=True)`` also looks at the
-unfinished line. VMs are stopped by their PID, never by name.
+unfinished line. VMs are stopped by their PID, never by name. ``vm.monitor()``
+gives a QMP socket (:class:`Monitor`) for hot-plugging a NIC into a free
+``pcie_port()`` while the guest runs.
 
 The second half holds what the ramdisk tests share: the cached ramdisk image,
 this checkout's agents and library laid over it, and a laptop /boot whose
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,8 @@ class VM(object):
         self._cond = threading.Condition()
         self._reader = None
         self._extra = []
+        self.qmp_path = None  # set by monitor()
+        self._qmp = None
 
     def base_args(self):
         args = [
@@ -104,6 +109,44 @@ class VM(object):
     def kernel(self, kernel, initrd, append):
         self._extra += ["-kernel", kernel, "-initrd", initrd, "-append", append]
         return self
+
+    def monitor(self):
+        """A QMP unix socket for this VM (call before ``start()``); ``self.qmp`` talks to it once it runs.
+
+        ``-monitor none`` stays: QMP is a separate option, and a machine-readable one (each reply says
+        whether the command worked, which HMP only prints as text).
+        """
+        self.qmp_path = os.path.join(self.workdir, "%s.qmp" % self.name)
+        self._extra += ["-qmp", "unix:%s,server=on,wait=off" % self.qmp_path]
+        return self
+
+    def pcie_port(self, port_id, chassis):
+        """An empty PCIe root port on q35: the slot a NIC is hot-added to later (q35's root bus takes no
+        hot-plug itself). ``chassis`` must be unique among the VM's ports."""
+        self._extra += ["-device", "pcie-root-port,id=%s,bus=pcie.0,chassis=%d,slot=%d" % (port_id, chassis, chassis)]
+        return self
+
+    @property
+    def qmp(self):
+        if self._qmp is None:
+            if not self.qmp_path:
+                raise RuntimeError("%s was not given a monitor (call vm.monitor() before start())" % self.name)
+            self._qmp = Monitor(self.qmp_path)
+        return self._qmp
+
+    def hotplug_nic(self, port_id, tap, mac, ident, model="virtio-net-pci"):
+        """Plug a NIC on ``tap`` into the root port ``port_id`` of the running VM (a cable and card at once)."""
+        self.qmp.execute("netdev_add", type="tap", id="%s-net" % ident, ifname=tap, script="no", downscript="no")
+        self.qmp.execute("device_add", driver=model, id=ident, bus=port_id, netdev="%s-net" % ident, mac=mac)
+
+    def unplug(self, ident, timeout=60):
+        """Ask the guest to release device ``ident`` and wait until QEMU reports it gone (DEVICE_DELETED).
+
+        Unplugging needs the guest's cooperation (PCIe attention button or ACPI eject), so it can take
+        seconds; a guest that never lets go raises MarkerTimeout.
+        """
+        self.qmp.execute("device_del", id=ident)
+        self.qmp.wait_event("DEVICE_DELETED", timeout, device=ident)
 
     def start(self):
         argv = self.base_args() + self._extra
@@ -212,6 +255,9 @@ class VM(object):
 
     def stop(self):
         """Kill the VM by its PID (its own process group: ip netns exec + qemu)."""
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -223,6 +269,92 @@ class VM(object):
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+class MonitorError(RuntimeError):
+    """QEMU refused a monitor command (its error class and description)."""
+
+
+class Monitor(object):
+    """A minimal QMP client on a unix socket: one command at a time, events kept for ``wait_event``.
+
+    QMP is line-delimited JSON: a greeting, then ``qmp_capabilities`` leaves negotiation mode; every
+    command gets one ``return`` or ``error`` reply, and asynchronous events may arrive in between.
+    """
+
+    def __init__(self, path, timeout=30):
+        self.path = path
+        self.events = []
+        deadline = time.monotonic() + timeout
+        while True:  # QEMU creates the socket a moment after it was started
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        self.sock.settimeout(timeout)
+        self._buf = b""
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise MonitorError("not a QMP greeting: %r" % greeting)
+        self.execute("qmp_capabilities")
+
+    def _read(self, timeout=None):
+        """The next JSON object from the socket."""
+        if timeout is not None:
+            self.sock.settimeout(max(timeout, 0.01))
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise MonitorError("QMP socket %s closed" % self.path)
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line.decode("utf-8"))
+
+    def execute(self, command, **arguments):
+        """Run ``command``; return its ``return`` value or raise MonitorError."""
+        request = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise MonitorError("%s: %s: %s" % (command, reply["error"].get("class"), reply["error"].get("desc")))
+            return reply.get("return")
+
+    def wait_event(self, name, timeout, **data):
+        """Wait for event ``name`` whose data has the given values (events seen earlier count); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("event") == name and all(event.get("data", {}).get(k) == v for k, v in data.items()):
+                    self.events.remove(event)
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MarkerTimeout("QMP event %s %r not seen within %ss" % (name, data, timeout))
+            try:
+                reply = self._read(timeout=left)
+            except socket.timeout:
+                continue
+            finally:
+                self.sock.settimeout(30)
+            if "event" in reply:
+                self.events.append(reply)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------ the ramdisk under test
@@ -405,6 +537,14 @@ def laptop_boot_tree(workdir, kernel, cmdline="console=ttyS0 panic=-1 laptop.own
                    "initrd": ["initrd.img-stiefel-test"], "cmdline": cmdline,
                    "root": "UUID=00000000-0000-0000-0000-000000000000"}, handle)
     return boot
+
+
+def laptop_boot_image(workdir, kernel, size="96M"):
+    """An ext4 image of :func:`laptop_boot_tree` (the server VM's disk when /boot is not encrypted)."""
+    image = os.path.join(workdir, "laptop.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "stiefel-test", "-d", laptop_boot_tree(workdir, kernel), image, size],
+                   check=True)
+    return image
 
 
 @contextlib.contextmanager
