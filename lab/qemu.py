@@ -150,6 +150,10 @@ class VM(object):
 
     def start(self):
         argv = self.base_args() + self._extra
+        if "-netdev" not in argv and "-nic" not in argv:
+            # without any network option QEMU adds a NIC with user-mode
+            # networking, a way out of this machine that no test wants
+            argv += ["-nic", "none"]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns] + argv
         with open(os.path.join(self.workdir, "%s.argv" % self.name), "w") as handle:
