@@ -394,9 +394,15 @@ def parse_nbdinfo_json(text, export_name: str | None = None) -> ExportInfo:
 
 def probe_export(uri: str, *, nbdinfo: str = "nbdinfo", timeout: float = 30.0, run=subprocess.run,
                  env: dict | None = None) -> ExportInfo:
-    """Ask the running export about itself with ``nbdinfo --json URI``."""
+    """Ask the running export about itself with ``nbdinfo --json --no-content URI``.
+
+    ``--no-content``: by default nbdinfo reads the start of the export and describes it with file(1);
+    nothing here needs that, and nbdinfo 1.14 without file(1) installed (a minimal Debian) prints
+    uninitialised memory as the ``content`` field, so the JSON was at random not UTF-8.
+    """
     try:
-        proc = run([nbdinfo, "--json", uri], capture_output=True, timeout=timeout, check=False, env=env)
+        proc = run([nbdinfo, "--json", "--no-content", uri], capture_output=True, timeout=timeout, check=False,
+                   env=env)
     except FileNotFoundError:
         raise NbdExportError("%s not found (Debian package libnbd-bin)" % nbdinfo) from None
     except subprocess.TimeoutExpired:
