@@ -62,15 +62,22 @@ def host_apt_sources():
     return files
 
 
-def inputs_hash():
-    digest = hashlib.sha256(json.dumps(PACKAGES).encode())
+def inputs_hash(extra_packages=()):
+    """The cache key of the root tarball. Without extras it is exactly the e2e's key."""
+    packages = PACKAGES + sorted(extra_packages) if extra_packages else PACKAGES
+    digest = hashlib.sha256(json.dumps(packages).encode())
     for path in host_apt_sources():
         digest.update(open(path, "rb").read())
     return digest.hexdigest()[:16]
 
 
-def build_root_tarball(workdir):
-    tarball = os.path.join(workdir, "laptop-root-%s.tar" % inputs_hash())
+def build_root_tarball(workdir, extra_packages=()):
+    """The root as a tarball in ``workdir`` (older ones there are removed: give another user its own workdir).
+
+    ``extra_packages`` are installed too and are part of the cache key (the systemd units test adds
+    openssh-server and nbdkit; the e2e passes none).
+    """
+    tarball = os.path.join(workdir, "laptop-root-%s.tar" % inputs_hash(extra_packages))
     if os.path.exists(tarball):
         log("root tarball cached: %s" % tarball)
         return tarball
@@ -79,7 +86,7 @@ def build_root_tarball(workdir):
     tmp = tarball + ".part"
     started = time.monotonic()
     argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--format=tar",
-            "--include=" + ",".join(PACKAGES),
+            "--include=" + ",".join(PACKAGES + sorted(extra_packages)),
             "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
             "bookworm", tmp] + host_apt_sources()
