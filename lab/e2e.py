@@ -92,7 +92,7 @@ def umount_all(mounts):
 def create(args):
     wd = workdir()
     key = os.path.join(wd, "stiefel.key")
-    tarball = laptop_disk.build_root_tarball(wd)
+    tarball = laptop_disk.build_root_tarball(os.path.join(os.path.dirname(wd), laptop_disk.TARBALL_DIR))
     root = laptop_disk.unpack_root(tarball, os.path.join(wd, "laptop-root"))
     inventory = os.path.join(wd, "laptop-inventory.yml")
     with open(inventory, "w") as handle:

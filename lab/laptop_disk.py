@@ -31,7 +31,13 @@ PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "e2fsprogs",
     "kmod", "procps", "iproute2", "python3", "python3-cryptography", "python3-pyroute2", "kexec-tools",
     "nbd-client", "busybox", "zstd", "ca-certificates",
+    # for tests/integration/test_systemd_units_qemu.py, which boots this same root to run
+    # nbd_serve and the standalone unit under a real systemd: one root tarball serves both
+    # (SSH for Ansible, nbdkit and nbdinfo, python3-apt for the role's package task, sudo)
+    "openssh-server", "nbdkit", "libnbd-bin", "python3-apt", "sudo",
 ]
+# Where the root tarball is cached, below $STIEFEL_CACHE_DIR (shared by e2e and the systemd test).
+TARBALL_DIR = "laptop-root"
 HOSTNAME = "stiefel-laptop"
 ROOT_UUID = "5f1e7a2c-0d3b-4c8e-9a61-2b7c4d5e6f70"
 DISK_SIZE = 3 << 30
@@ -74,9 +80,11 @@ def inputs_hash(extra_packages=()):
 def build_root_tarball(workdir, extra_packages=()):
     """The root as a tarball in ``workdir`` (older ones there are removed: give another user its own workdir).
 
-    ``extra_packages`` are installed too and are part of the cache key (the systemd units test adds
-    openssh-server and nbdkit; the e2e passes none).
+    ``extra_packages`` are installed too and are part of the cache key (the e2e and the systemd
+    units test share the default list, so they share one tarball).
     """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
     tarball = os.path.join(workdir, "laptop-root-%s.tar" % inputs_hash(extra_packages))
     if os.path.exists(tarball):
         log("root tarball cached: %s" % tarball)
