@@ -52,8 +52,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "collections"))
 sys.path.insert(0, HERE)
 
-from ansible_collections.stiefel.system.plugins.module_utils import (  # noqa: E402
-    client, discovery, keyfile, messages, payload, server)
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from stiefel_runtime import client, discovery, messages, payload, server
 from netns import HTB_BURST, NetnsPair, htb_rate_for, payload_ceiling  # noqa: E402
 
 HTTP_PORT = 61599

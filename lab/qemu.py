@@ -395,7 +395,8 @@ def _library():
     collections = os.path.join(REPO, "collections")
     if collections not in sys.path:
         sys.path.insert(0, collections)
-    from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, kexec  # pylint: disable=import-outside-toplevel
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile  # pylint: disable=import-outside-toplevel
+    from stiefel_runtime import kexec  # pylint: disable=import-outside-toplevel
     return cpio, keyfile, kexec
 
 
@@ -473,23 +474,17 @@ def ramdisk_fixups(ramdisk, workdir):
 
 
 def checkout_overlay(workdir):
-    """The agents and library of this checkout, as they sit in the ramdisk (a later archive wins), so the VMs
-    run the code under test even when the cached image was built from an older checkout."""
+    """The ramdisk's runtime files from this checkout (the runtime manifest's ``ramdisk`` target), as they sit in
+    the ramdisk (a later archive wins), so the VMs run the code under test even when the cached image was built
+    from an older checkout."""
     cpio, _keyfile, _kexec = _library()
-    entries = []
-    dirs = ["usr", "usr/lib", "usr/lib/stiefel", "usr/lib/stiefel/agents"]
-    lib = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
-    parts = lib.split("/")
-    dirs += ["/".join(parts[:i]) for i in range(4, len(parts) + 1)]
-    entries += [cpio.CpioEntry.directory(d) for d in dirs]
-    for name in sorted(os.listdir(os.path.join(REPO, "agents"))):
-        with open(os.path.join(REPO, "agents", name), "rb") as handle:
-            entries.append(cpio.CpioEntry.file("usr/lib/stiefel/agents/" + name, handle.read(), 0o755))
-    source = os.path.join(REPO, "plugins", "module_utils")
-    for name in sorted(os.listdir(source)):
-        if name.endswith(".py"):
-            with open(os.path.join(source, name), "rb") as handle:
-                entries.append(cpio.CpioEntry.file(lib + "/" + name, handle.read(), 0o644))
+    from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest  # pylint: disable=import-outside-toplevel
+    files = runtime_manifest.entries("ramdisk", REPO)
+    dirs = ["usr", "usr/lib", "usr/lib/stiefel"] + ["usr/lib/stiefel/" + d for d in runtime_manifest.directories(files)]
+    entries = [cpio.CpioEntry.directory(d) for d in dirs]
+    for entry in files:
+        with open(entry.src, "rb") as handle:
+            entries.append(cpio.CpioEntry.file("usr/lib/stiefel/" + entry.dest, handle.read(), entry.mode))
     path = os.path.join(workdir, "checkout.cpio")
     with open(path, "wb") as handle:
         handle.write(cpio.write_newc(entries))

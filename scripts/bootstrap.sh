@@ -69,7 +69,7 @@ install_venv() {
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -r requirements/dev.txt
     echo "$want" > "$stamp"
-    log "virtualenv: ready ($(.venv/bin/ansible --version | head -1))"
+    log "virtualenv: ready ($(.venv/bin/ansible --version | sed -n 1p))"
 }
 
 install_apt

@@ -79,3 +79,10 @@ def require_root() -> None:
 def root_required() -> None:
     """Fixture form of :func:`require_root`."""
     require_root()
+
+
+@pytest.fixture(scope="session")
+def agent_env() -> dict:
+    """The environment an agent shim (agents/stiefel-*) needs in a checkout: what PYTHONPATH=/usr/lib/stiefel/python
+    gives it on a target (``ansible_collections`` and ``stiefel_runtime`` side by side)."""
+    return dict(os.environ, PYTHONPATH=str(COLLECTIONS_DIR), PYTHONUNBUFFERED="1")

@@ -53,3 +53,7 @@ class ReplayedMessage(ProtocolError):
 
 class PayloadVerificationFailed(ProtocolError):
     """The decrypted payload does not match its authenticated manifest."""
+
+
+class ServerError(StiefelError):
+    """The server cannot serve (no /boot content, no disk, ...)."""

@@ -18,8 +18,8 @@ files only repacks the small overlay:
 the kernel unpacks one after the other (the stiefel key is appended the same
 way, see docs/dev/contracts.md).
 
-Only the standard library is used (this runs on the controller and in the
-ramdisk build host's system Python).
+Only the standard library and the runtime manifest are used (this runs on
+the controller and in the ramdisk build host's system Python).
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest
+
 FORMAT_VERSION = 1
-LIBRARY_DEST = "usr/lib/stiefel/python/ansible_collections/stiefel/system/plugins/module_utils"
-AGENTS_DEST = "usr/lib/stiefel/agents"
+LIB_DEST = "usr/lib/stiefel"
+LIBRARY_DEST = LIB_DEST + "/" + runtime_manifest.MODULE_UTILS_DEST
+RUNTIME_DEST = LIB_DEST + "/" + runtime_manifest.RUNTIME_DEST
+AGENTS_DEST = LIB_DEST + "/" + runtime_manifest.AGENTS_DIR
 BIN_DEST = "usr/local/bin"
 
 
@@ -253,27 +257,22 @@ def stamp_hash(path):
 # Overlay file set (the project's files that go into the ramdisk)
 # --------------------------------------------------------------------------
 
-def overlay_files(library_dir, agents_dir, init_path):
+def overlay_files(runtime_root, init_path):
     """Map of destination path (relative to /) -> (source path, mode).
 
-    The library is every ``*.py`` directly in ``library_dir``; agents are every
-    regular file in ``agents_dir`` (missing directory: no agents).
+    ``/init``, and the runtime manifest's ``ramdisk`` target read from the
+    collection tree at ``runtime_root``: the agents and the modules they import.
     """
     files = {}
     if not os.path.isfile(init_path):
         raise RamdiskBuildError("init script %s does not exist" % init_path)
     files["init"] = (init_path, 0o755)
-    if not os.path.isdir(library_dir):
-        raise RamdiskBuildError("library directory %s does not exist" % library_dir)
-    for name in sorted(os.listdir(library_dir)):
-        src = os.path.join(library_dir, name)
-        if name.endswith(".py") and os.path.isfile(src):
-            files[LIBRARY_DEST + "/" + name] = (src, 0o644)
-    if agents_dir and os.path.isdir(agents_dir):
-        for name in sorted(os.listdir(agents_dir)):
-            src = os.path.join(agents_dir, name)
-            if os.path.isfile(src) and not name.startswith("."):
-                files[AGENTS_DEST + "/" + name] = (src, 0o755)
+    try:
+        entries = runtime_manifest.entries("ramdisk", runtime_root)
+    except runtime_manifest.ManifestError as exc:
+        raise RamdiskBuildError("cannot list the ramdisk's runtime files: %s" % exc) from exc
+    for entry in entries:
+        files[LIB_DEST + "/" + entry.dest] = (entry.src, entry.mode)
     return files
 
 
@@ -732,7 +731,7 @@ class RamdiskBuilder:
             "smoke_commands": list(cfg.get("smoke_commands") or []),
         }
         self.base_hash = canonical_hash(base_inputs)
-        self.files = overlay_files(cfg["library_dir"], cfg.get("agents_dir") or "", cfg["init_path"])
+        self.files = overlay_files(cfg["runtime_root"], cfg["init_path"])
         self.file_hashes = {dest: [sha256_file(src), mode] for dest, (src, mode) in self.files.items()}
         self.input_hash = canonical_hash({"base": self.base_hash, "files": self.file_hashes})
 

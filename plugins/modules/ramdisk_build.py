@@ -120,14 +120,12 @@ options:
     type: list
     elements: str
     default: []
-  library_dir:
-    description: The collection's C(plugins/module_utils) directory, installed into the ramdisk.
+  runtime_root:
+    description:
+      - A tree laid out like this collection (C(stiefel_runtime/), C(plugins/module_utils/), C(agents/));
+        the runtime manifest's C(ramdisk) target is read from it and installed to C(/usr/lib/stiefel).
     type: path
     required: true
-  agents_dir:
-    description: Directory whose files are installed to C(/usr/lib/stiefel/agents). Missing means no agents.
-    type: path
-    default: ""
   init_path:
     description: The C(/init) script of the ramdisk.
     type: path
@@ -148,7 +146,7 @@ EXAMPLES = r"""
     output_dir: /var/cache/stiefel/ramdisk
     packages: [linux-image-amd64, python3, kexec-tools, nbd-client]
     modules_include: ["kernel/drivers/net/*"]
-    library_dir: /path/to/collection/plugins/module_utils
+    runtime_root: /path/to/collection
     init_path: /path/to/collection/roles/ramdisk/files/init
 """
 
@@ -216,8 +214,7 @@ def main():
             hwdb_exclude=dict(type="list", elements="str", default=[]),
             icu_data_stub=dict(type="bool", default=False),
             smoke_commands=dict(type="list", elements="str", default=[]),
-            library_dir=dict(type="path", required=True),
-            agents_dir=dict(type="path", default=""),
+            runtime_root=dict(type="path", required=True),
             init_path=dict(type="path", required=True),
             role_version=dict(type="str", default=""),
         ),

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
+from stiefel_runtime import messages
 
 pytestmark = pytest.mark.integration
 
@@ -295,7 +296,6 @@ def test_server_and_client(world):
 
 PROBE = """
 import json, os, socket, sys, time
-from ansible_collections.stiefel.system.plugins.module_utils import keyfile, messages
 key = keyfile.read_key(sys.argv[1])
 wrong = keyfile.read_key(sys.argv[2])
 ifindex = socket.if_nametoindex(sys.argv[3])

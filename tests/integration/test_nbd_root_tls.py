@@ -23,7 +23,8 @@ import uuid as uuidlib
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import client, keyschedule, nbd_export
+from ansible_collections.stiefel.system.plugins.module_utils import keyschedule, nbd_export
+from stiefel_runtime import client
 
 pytestmark = pytest.mark.integration
 

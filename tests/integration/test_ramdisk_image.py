@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb
+from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb, runtime_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -122,12 +122,15 @@ def test_initrd_contents(built, members):
         assert tool in names, tool
     assert _has(members, "nbdkit/plugins/nbdkit-nbd-plugin.so")
     # the library and the agents
-    for py in (REPO / "plugins" / "module_utils").glob("*.py"):
-        assert rb.LIBRARY_DEST + "/" + py.name in names, py.name
+    # the runtime manifest's ramdisk target: the agents and what they import, nothing controller-only
+    for entry in runtime_manifest.entries("ramdisk", str(REPO)):
+        assert rb.LIB_DEST + "/" + entry.dest in names, entry.dest
     for agent in (REPO / "agents").iterdir():
         if agent.is_file():
             assert rb.AGENTS_DEST + "/" + agent.name in names
             assert "usr/local/bin/" + agent.name in names
+    for controller_only in ("ramdisk_build.py", "usb_image.py"):
+        assert rb.LIBRARY_DEST + "/" + controller_only not in names
     # network, block and file system drivers
     moddir = "usr/lib/modules/%s/kernel/" % kver
     modules = {n.rsplit("/", 1)[-1].split(".ko")[0] for n in names if n.startswith(moddir) and ".ko" in n}
@@ -249,19 +252,21 @@ def test_second_run_changes_nothing(built):
 
 
 def test_agent_change_repacks_only_the_overlay(built, tmp_path):
-    agents = tmp_path / "agents"
-    shutil.copytree(REPO / "agents", agents)
-    (agents / "stiefel-extra").write_text("#!/usr/bin/python3\nprint('extra')\n")
+    root = runtime_manifest.copy_sources(str(tmp_path / "tree"))
+    with open(os.path.join(root, "agents", "stiefel-client"), "a", encoding="utf-8") as handle:
+        handle.write("# changed by the overlay test\n")
+    shim = rb.AGENTS_DEST + "/stiefel-client"
+    hash_before = json.loads((OUT / "manifest.json").read_text())["overlay_files"][shim]
     before = (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns
     try:
-        changed, stdout, took = run_playbook("-e", "ramdisk_agents_dir=%s" % agents)
+        changed, stdout, took = run_playbook("-e", "ramdisk_runtime_root=%s" % root)
         print("overlay-only rebuild: %.1f s" % took)
         names = changed_tasks(stdout)
         assert len(names) == 2, names
         assert names[0].startswith("Pack /init, the library and the agents") and names[1].startswith("Write vmlinuz")
-        assert "stiefel-extra" in json.loads((OUT / "manifest.json").read_text())["agents"]
+        assert json.loads((OUT / "manifest.json").read_text())["overlay_files"][shim] != hash_before
         assert (OUT / "work" / "base.cpio.zst").stat().st_mtime_ns == before
     finally:
         changed, stdout, took = run_playbook()  # back to the repository's agents
     assert changed == 2
-    assert "stiefel-extra" not in json.loads((OUT / "manifest.json").read_text())["agents"]
+    assert json.loads((OUT / "manifest.json").read_text())["overlay_files"][shim] == hash_before

@@ -30,8 +30,8 @@ import time
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
-from ansible_collections.stiefel.system.plugins.module_utils.server import PEERS_INTERVAL
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, runtime_manifest
+from stiefel_runtime.server import PEERS_INTERVAL
 
 pytestmark = pytest.mark.integration
 
@@ -308,15 +308,18 @@ def test_role_check_mode_converge_idempotence_and_unit(overlay_root):
     assert oct(os.stat(conf).st_mode & 0o777) == "0o644"
     with open(conf) as handle:
         text = handle.read()
-    from ansible_collections.stiefel.system.plugins.module_utils import server_config
+    from stiefel_runtime import server_config
 
     config = server_config.parse(text)
     assert config.disk == "/srv/desktop.img" and config.boot_dir == "/srv/boot"
     assert config.interfaces == ("52:54:00:ab:cd:02",) and config.mtu == 9000
     agent = os.path.join(root, "usr", "lib", "stiefel", "agents", "stiefel-server")
-    lib = os.path.join(root, "usr", "lib", "stiefel", "python", "ansible_collections", "stiefel", "system",
-                       "plugins", "module_utils", "server_config.py")
+    lib = os.path.join(root, "usr", "lib", "stiefel", "python", "stiefel_runtime", "server_config.py")
     assert os.access(agent, os.X_OK) and os.path.exists(lib)
+    # exactly the manifest's standalone target, nothing controller-only
+    installed = {os.path.relpath(os.path.join(d, f), os.path.join(root, "usr", "lib", "stiefel"))
+                 for d, _dirs, files in os.walk(os.path.join(root, "usr", "lib", "stiefel")) for f in files}
+    assert installed == {entry.dest for entry in runtime_manifest.entries("standalone", REPO)}
     after = _tree(upper)
     changed, _out = _converge(root)
     assert changed == 0 and _tree(upper) == after

@@ -249,7 +249,8 @@ def test_nbd_serve_under_systemd(lab):
 
 DISCOVER_SCRIPT = textwrap.dedent("""
     import socket, sys, time
-    from ansible_collections.stiefel.system.plugins.module_utils import discovery, keyfile, messages
+    from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+    from stiefel_runtime import discovery, messages
     key = keyfile.decode_key(sys.stdin.buffer.read())
     client = discovery.ClientDiscovery(key)
     sock = discovery.open_client_socket()

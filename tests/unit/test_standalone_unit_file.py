@@ -7,8 +7,6 @@ a real systemd (tests/integration/test_systemd_units_qemu.py) the stopped unit w
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import signal
 from pathlib import Path
 
@@ -19,11 +17,9 @@ TEMPLATE = REPO / "roles" / "standalone_server" / "templates" / "stiefel-server-
 
 
 def _agent():
-    loader = importlib.machinery.SourceFileLoader("_stiefel_server_agent", str(REPO / "agents" / "stiefel-server"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    """The server agent's module (agents/stiefel-server is a shim over its main)."""
+    from stiefel_runtime import server
+    return server
 
 
 def _service_values(key):

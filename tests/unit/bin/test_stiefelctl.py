@@ -94,25 +94,25 @@ def test_server_passes_a_refused_config_on_as_exit_2(tmp_path):
     assert out.returncode == 1 and "fatal: cannot export %s: it does not exist" % (tmp_path / "d.img") in out.stdout
 
 
-def test_server_agent_flags():
+def test_server_agent_flags(agent_env):
     agent = str(REPO / "agents" / "stiefel-server")
-    out = subprocess.run([sys.executable, agent, "--interface", "eth0"], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, agent, "--interface", "eth0"], env=agent_env, capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "are for standalone mode" in out.stderr
-    out = subprocess.run([sys.executable, agent, "--standalone", "--disk", "/srv/d.img"], capture_output=True,
+    out = subprocess.run([sys.executable, agent, "--standalone", "--disk", "/srv/d.img"], env=agent_env, capture_output=True,
                          text=True, check=False)
     assert out.returncode == 2 and "exactly one of boot_dir" in out.stdout
 
 
-def test_server_agent_check_config(tmp_path):
+def test_server_agent_check_config(tmp_path, agent_env):
     """The role validates its template with this before the file replaces the old one."""
     agent = str(REPO / "agents" / "stiefel-server")
     conf = tmp_path / "server.conf"
     conf.write_text("disk = /dev/sdb\nboot = UUID=0b8f\ninterfaces = 52-54-00-AB-CD-02\n")
-    out = subprocess.run([sys.executable, agent, "--check-config", str(conf)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, agent, "--check-config", str(conf)], env=agent_env, capture_output=True, text=True,
                          check=False)
     assert out.returncode == 0 and "interfaces = 52:54:00:ab:cd:02\n" in out.stdout
     conf.write_text("disk = /dev/sdb\nboot = UUID=0b8f\nmtu = 9000\n")
-    out = subprocess.run([sys.executable, agent, "--check-config", str(conf)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, agent, "--check-config", str(conf)], env=agent_env, capture_output=True, text=True,
                          check=False)
     assert out.returncode == 2 and "mtu needs interfaces" in out.stderr
 

@@ -170,30 +170,44 @@ def test_iter_newc_stream_hostile_bytes(data, cut):
             pass
 
 
+AGENTS = ("autokexec", "client", "server")
+
+
 def _config(tmp_path):
-    lib = tmp_path / "lib"
-    lib.mkdir()
+    """A tree laid out like the collection: the ramdisk's agents, one library module the client imports."""
+    root = tmp_path / "root"
+    lib = root / "plugins" / "module_utils"
+    lib.mkdir(parents=True)
     (lib / "keyfile.py").write_text("X = 1\n")
+    (lib / "usb_image.py").write_text("X = 'controller only'\n")
     (lib / "notes.txt").write_text("not python\n")
-    agents = tmp_path / "agents"
-    agents.mkdir()
-    (agents / "stiefel-client").write_text("#!/usr/bin/python3\n")
+    runtime = root / "stiefel_runtime"
+    runtime.mkdir()
+    for name in ("__init__", "__main__") + AGENTS:
+        (runtime / (name + ".py")).write_text("")
+    (runtime / "client.py").write_text("from ansible_collections.stiefel.system.plugins.module_utils import keyfile\n")
+    (root / "agents").mkdir()
+    for name in AGENTS:
+        (root / "agents" / ("stiefel-" + name)).write_text("#!/usr/bin/python3\n")
     init = tmp_path / "init"
     init.write_text("#!/bin/sh\n")
     return {
         "output_dir": str(tmp_path / "out"), "mirror": "http://m/debian", "suite": "bookworm", "components": [],
         "variant": "essential", "packages": ["python3"], "extra_packages": [], "dpkg_excludes": [],
         "strip_paths": [], "modules_include": ["kernel/drivers/net/*"], "modules_exclude": [], "zstd_level": 3,
-        "library_dir": str(lib), "agents_dir": str(agents), "init_path": str(init), "role_version": "1",
+        "runtime_root": str(root), "init_path": str(init), "role_version": "1",
     }
 
 
 def test_overlay_files_and_hashes(tmp_path):
     cfg = _config(tmp_path)
     b = rb.RamdiskBuilder(cfg)
-    assert sorted(b.files) == sorted(["init", rb.LIBRARY_DEST + "/keyfile.py", rb.AGENTS_DEST + "/stiefel-client"])
+    assert sorted(b.files) == sorted(
+        ["init", rb.LIBRARY_DEST + "/keyfile.py"]
+        + [rb.RUNTIME_DEST + "/%s.py" % name for name in ("__init__", "__main__") + AGENTS]
+        + [rb.AGENTS_DEST + "/stiefel-" + name for name in AGENTS])  # no usb_image.py: nothing imports it
     before = (b.base_hash, b.input_hash)
-    (tmp_path / "lib" / "keyfile.py").write_text("X = 2\n")
+    (tmp_path / "root" / "plugins" / "module_utils" / "keyfile.py").write_text("X = 2\n")
     b2 = rb.RamdiskBuilder(cfg)
     assert b2.base_hash == before[0] and b2.input_hash != before[1]  # library change: overlay only
     cfg["packages"] = ["python3", "kmod"]

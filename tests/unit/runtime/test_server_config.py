@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import server_config as sc
-from ansible_collections.stiefel.system.plugins.module_utils.netlink import Link
+from stiefel_runtime import server_config as sc
+from stiefel_runtime.netlink import Link
 
 GOOD = """\
 # served to the desktop

@@ -6,8 +6,9 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import autokexec, discovery, keyfile, messages
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from stiefel_runtime import autokexec, discovery, messages
+from stiefel_runtime.common import Console
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ReplayedMessage
 
 KEY = bytes(range(32))

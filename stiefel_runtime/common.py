@@ -14,6 +14,9 @@ import time
 CMDLINE_PREFIX = "stiefel."
 DEFAULT_KEY_PATH = "/etc/stiefel/key"
 RUN_DIR = "/run/stiefel"
+# Every agent: 1 failed, 2 refused (bad config, the disk is in use) or usage error;
+# 130 after Ctrl-C, 143 after SIGTERM.
+EXIT_FAILED, EXIT_REFUSED = 1, 2
 
 
 def quiet_log(text: str) -> None:

@@ -31,15 +31,18 @@ one of ``trigger_macs`` appearing also triggers. Scratch files go to
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import select
+import sys
 
-from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyfile, keyschedule
-from ansible_collections.stiefel.system.plugins.module_utils import messages
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import parse_cmdline
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+from stiefel_runtime import discovery, kexec, messages
+from stiefel_runtime.common import Console, EXIT_FAILED, parse_cmdline
+from stiefel_runtime.netlink import LINK_ADDED, LinkManager
 
 DEFAULT_CONFIG_PATH = "/etc/stiefel/autokexec.json"
 DEFAULT_RUN_DIR = "/run/stiefel-autokexec"
@@ -201,7 +204,6 @@ class AutokexecAgent(object):
         return reason
 
     def run(self):
-        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager, LINK_ADDED
 
         proc_cmdline = ""
         try:
@@ -237,3 +239,30 @@ class AutokexecAgent(object):
         finally:
             self.sock.close()
             self.links.close()
+
+
+# ------------------------------------------------------------------ command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stiefel-autokexec", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    parser.add_argument("--key", help="override the key path of the config")
+    parser.add_argument("--run-dir", default=None,
+                        help="scratch directory (default: $RUNTIME_DIRECTORY or %s)" % DEFAULT_RUN_DIR)
+    parser.add_argument("--proc-cmdline", default="/proc/cmdline")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the kexec commands instead of running them (tests on a host)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    console = Console("stiefel-autokexec", debug=args.debug)
+    try:
+        config = load_config(args.config)
+        if args.key:
+            config["key_path"] = args.key
+        agent = AutokexecAgent(config, console, run_dir=args.run_dir, dry_run=args.dry_run,
+                               proc_cmdline_path=args.proc_cmdline)
+        return agent.run()
+    except KeyboardInterrupt:
+        return 130
+    except StiefelError as exc:
+        console("fatal: %s" % exc)
+        return EXIT_FAILED

@@ -9,9 +9,10 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import discovery, keyschedule, messages, payload, server
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console
+from ansible_collections.stiefel.system.plugins.module_utils import keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+from stiefel_runtime import bootfiles, discovery, messages, payload, power, procfs, server, storage
+from stiefel_runtime.common import Console
 
 KEY = bytes(range(32))
 
@@ -30,7 +31,7 @@ def make_boot(tmp_path, config=True, kernel=b"K" * 5000, initrd=b"I" * 3000):
 
 def test_boot_config_first(tmp_path):
     boot = make_boot(tmp_path)
-    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    kernel, initrds, cmdline, source = bootfiles.find_boot_files(str(boot))
     assert kernel.endswith("vmlinuz-6.1.0-9-amd64") and len(initrds) == 1
     assert cmdline == "root=UUID=r ro quiet" and source.startswith("boot config")
 
@@ -40,7 +41,7 @@ def test_bls_fallback(tmp_path):
     (boot / "loader" / "entries").mkdir(parents=True)
     (boot / "loader" / "entries" / "a.conf").write_text(
         "title Debian\nlinux /vmlinuz-6.1.0-9-amd64\ninitrd /initrd.img-6.1.0-9-amd64\noptions root=UUID=x ro BOOT_IMAGE=/v\n")
-    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    kernel, initrds, cmdline, source = bootfiles.find_boot_files(str(boot))
     assert source.startswith("BLS") and cmdline == "root=UUID=x ro"
 
 
@@ -50,7 +51,7 @@ def test_grub_fallback_with_boot_prefix(tmp_path):
     (boot / "grub" / "grub.cfg").write_text(
         "menuentry 'Debian' {\n  linux /boot/vmlinuz-6.1.0-9-amd64 root=UUID=y ro\n"
         "  initrd /boot/initrd.img-6.1.0-9-amd64\n}\n")
-    kernel, initrds, cmdline, source = server.find_boot_files(str(boot))
+    kernel, initrds, cmdline, source = bootfiles.find_boot_files(str(boot))
     assert source.startswith("grub") and cmdline.startswith("root=UUID=y")
 
 
@@ -59,7 +60,7 @@ def test_invalid_config_falls_back_and_escape_refused(tmp_path):
     (boot / "stiefel" / "boot.json").write_text('{"format": "stiefel-boot-config", "version": 1, "kernel": '
                                                 '"../../etc/passwd", "initrd": ["x"], "cmdline": "a", "root": "b"}')
     with pytest.raises(server.ServerError, match="no boot config"):
-        server.find_boot_files(str(boot), log=lambda s: None)
+        bootfiles.find_boot_files(str(boot), log=lambda s: None)
 
 
 def test_boot_source_concatenates_initrds(tmp_path):
@@ -70,7 +71,7 @@ def test_boot_source_concatenates_initrds(tmp_path):
     (boot / "stiefel" / "boot.json").write_text(json.dumps(cfg))
     run = tmp_path / "run"
     run.mkdir()
-    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    source = bootfiles.BootSource(str(boot), str(run), log=lambda s: None)
     manifest = source.prepare(copy=True)
     assert manifest.files["initrd"][0] == 3010
     assert open(source.paths["initrd"], "rb").read().startswith(b"U" * 10)
@@ -81,7 +82,7 @@ def test_hook_options_reach_the_manifest_cmdline(tmp_path):
     boot = make_boot(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    source = bootfiles.BootSource(str(boot), str(run), log=lambda s: None)
     manifest = source.prepare(extra_cmdline="stiefel.blocksize=512")
     assert manifest.cmdline.endswith(" stiefel.blocksize=512")
 
@@ -89,12 +90,12 @@ def test_hook_options_reach_the_manifest_cmdline(tmp_path):
 def test_logical_block_size(tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * 4096)
-    assert server.logical_block_size(str(image)) == 512
-    assert server.logical_block_size(str(tmp_path / "missing")) == 512
+    assert storage.logical_block_size(str(image)) == 512
+    assert storage.logical_block_size(str(tmp_path / "missing")) == 512
     disks = [d for d in os.listdir("/sys/block") if os.path.exists("/dev/" + d)] if os.path.isdir("/sys/block") else []
     for name in disks[:3]:
         with open("/sys/block/%s/queue/logical_block_size" % name) as handle:
-            assert server.logical_block_size("/dev/" + name) == int(handle.read())
+            assert storage.logical_block_size("/dev/" + name) == int(handle.read())
 
 
 @pytest.mark.parametrize("supplies, level", [
@@ -106,7 +107,7 @@ def test_logical_block_size(tmp_path):
     ([{"type": "Battery", "capacity": 5, "status": "Charging"}], 0),
 ])
 def test_power_warning(supplies, level):
-    assert server.power_warning(supplies)[0] == level
+    assert power.power_warning(supplies)[0] == level
 
 
 def test_read_power_supplies(tmp_path):
@@ -119,8 +120,8 @@ def test_read_power_supplies(tmp_path):
     ac.mkdir()
     (ac / "type").write_text("Mains\n")
     (ac / "online").write_text("garbage\n")
-    supplies = server.read_power_supplies(str(tmp_path))
-    level, message = server.power_warning(supplies)
+    supplies = power.read_power_supplies(str(tmp_path))
+    level, message = power.power_warning(supplies)
     assert level == 2 and "15%" in message
 
 
@@ -130,7 +131,7 @@ def test_tcp_peers(tmp_path):
     table.write_text("  sl  local_address remote_address st\n"
                      "   0: 00000000000000000000000000000000:2A39 000080FE000000000000000001000000:C350 01 x\n"
                      "   1: 00000000000000000000000000000000:2A39 00000000000000000000000000000000:0000 0A x\n")
-    assert server.tcp_peers(10809, str(table)) == ["fe80::1"]
+    assert procfs.tcp_peers(10809, str(table)) == ["fe80::1"]
 
 
 def state_with_source(tmp_path, locked=False):
@@ -138,7 +139,7 @@ def state_with_source(tmp_path, locked=False):
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     state = server.ServerState(KEY, str(run), 61571, 10809, "stiefel", needs_unlock=locked, log=lambda s: None)
-    source = server.BootSource(str(boot), str(run), log=lambda s: None)
+    source = bootfiles.BootSource(str(boot), str(run), log=lambda s: None)
     source.prepare()
     state.source = source
     return state

@@ -12,8 +12,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import client, cpio, discovery, keyschedule, messages
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console, parse_cmdline
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyschedule
+from stiefel_runtime import client, discovery, messages
+from stiefel_runtime.common import Console, parse_cmdline
 
 KEY = bytes(range(32))
 
@@ -89,7 +90,7 @@ def test_hostile_datagrams_logged_and_dropped(data):
 
 def test_stop_before_kexec_needs_no_kexec(tmp_path, monkeypatch):
     """boot_from with a fetched payload prints the manifest and writes the PSK cpio."""
-    from ansible_collections.stiefel.system.plugins.module_utils import payload
+    from stiefel_runtime import payload
 
     kernel = tmp_path / "k"
     initrd = tmp_path / "i"
@@ -148,7 +149,7 @@ def _offer(port, cn, sn):
 
 
 def _genuine(tmp_path, cn, sn, key=KEY):
-    from ansible_collections.stiefel.system.plugins.module_utils import payload
+    from stiefel_runtime import payload
 
     kernel, initrd = tmp_path / "k", tmp_path / "i"
     kernel.write_bytes(b"k" * 10000)

@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from ansible_collections.stiefel.system.plugins.module_utils import payload as p
+from stiefel_runtime import payload as p
 from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     AuthenticationFailed,
     MalformedMessage,

@@ -6,7 +6,7 @@ import socket
 import pytest
 from hypothesis import given, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import netlink
+from stiefel_runtime import netlink
 
 
 class Msg(dict):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import messages as m
+from stiefel_runtime import messages as m
 from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     AuthenticationFailed,
     MalformedMessage,

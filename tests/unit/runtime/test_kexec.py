@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import cpio, kexec
+from ansible_collections.stiefel.system.plugins.module_utils import cpio
+from stiefel_runtime import kexec
 
 
 class Recorder(object):

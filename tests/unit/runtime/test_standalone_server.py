@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import discovery, messages, nbd_export, server
-from ansible_collections.stiefel.system.plugins.module_utils import server_config as sc
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import Console
-from ansible_collections.stiefel.system.plugins.module_utils.netlink import ADDR_ADDED, LINK_ADDED, LinkEvent, LinkManager
+from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
+from stiefel_runtime import discovery, messages, server, server_config as sc
+from stiefel_runtime.common import Console
+from stiefel_runtime.netlink import ADDR_ADDED, LINK_ADDED, LinkEvent, LinkManager
 
 KEY = bytes(range(32))
 

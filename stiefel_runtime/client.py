@@ -13,18 +13,21 @@ hook's command line, the PSK cpio appended to the laptop initrd, and kexec.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
 import select
 import socket
+import sys
 import termios
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils import cpio, discovery, kexec, keyschedule, messages
-from ansible_collections.stiefel.system.plugins.module_utils import payload
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, quiet_log, stdout_log, strip_stiefel_options
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+from stiefel_runtime import discovery, kexec, messages, payload
+from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, EXIT_FAILED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, stdout_log, strip_stiefel_options
+from stiefel_runtime.netlink import LinkManager
 
 DISCOVER_INTERVAL = 2.0
 HTTP_TIMEOUT = 30.0
@@ -127,7 +130,6 @@ class ClientAgent(object):
 
     def run(self):
         """Return 0 after --stop-before-kexec, otherwise kexec (never returns) or raise on timeout."""
-        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager
 
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         self.links = LinkManager(mtu=self.mtu, log=self.console)
@@ -316,3 +318,33 @@ def _ask_raw(fd, prompt):
     if not line and not ended:
         raise EOFError
     return line
+
+
+# ------------------------------------------------------------------ command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stiefel-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--key", default=DEFAULT_KEY_PATH)
+    parser.add_argument("--cmdline-file", default="/proc/cmdline", help="read stiefel.* options from here")
+    parser.add_argument("--run-dir", default=RUN_DIR)
+    parser.add_argument("--stop-before-kexec", action="store_true",
+                        help="print the verified manifest and exit 0 (tests)")
+    parser.add_argument("--dry-run", action="store_true", help="print the kexec commands instead of running them")
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument("--passphrase-file", help="answer /boot passphrase prompts from this file's lines (tests)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    options = parse_cmdline(read_cmdline(args.cmdline_file))
+    console = Console("stiefel-client", debug=args.debug or options.get("debug") is True)
+    try:
+        key = keyfile.read_key(args.key)
+        agent = ClientAgent(key, console, run_dir=args.run_dir, mtu=options.get("mtu"),
+                            stop_before_kexec=args.stop_before_kexec, dry_run=args.dry_run,
+                            timeout=args.timeout,
+                            ask_passphrase=passphrases_from_file(args.passphrase_file)
+                            if args.passphrase_file else None)
+        return agent.run()
+    except KeyboardInterrupt:
+        return 130
+    except StiefelError as exc:
+        console("fatal: %s" % exc)
+        return EXIT_FAILED

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import discovery, keyfile, messages
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from stiefel_runtime import discovery, messages
 from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     AuthenticationFailed,
     MalformedMessage,

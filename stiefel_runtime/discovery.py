@@ -20,7 +20,7 @@ import hmac
 import socket
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils import messages
+from stiefel_runtime import messages
 from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     MalformedMessage,
     ProtocolError,

@@ -21,8 +21,8 @@ import os
 import shlex
 import subprocess
 
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from stiefel_runtime.common import quiet_log
 
 KEXEC = "kexec"
 MAX_CMDLINE = 4096

@@ -24,20 +24,11 @@ import errno
 import select
 import socket
 import time
-import traceback
 
-try:
-    from pyroute2 import IPRoute, IPRSocket
+from pyroute2 import IPRoute, IPRSocket
 
-    HAS_PYROUTE2 = True
-    PYROUTE2_IMPORT_ERROR = None
-except ImportError:
-    IPRoute = IPRSocket = None
-    HAS_PYROUTE2 = False
-    PYROUTE2_IMPORT_ERROR = traceback.format_exc()
-
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import quiet_log
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from stiefel_runtime.common import quiet_log
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
@@ -236,8 +227,6 @@ class LinkManager(object):
         custom = self._events_factory if events else self._ipr_factory
         if custom is not None:
             return custom()
-        if not HAS_PYROUTE2:
-            raise NetlinkError("the Python 'pyroute2' package is required:\n%s" % PYROUTE2_IMPORT_ERROR)
         return IPRSocket() if events else IPRoute()
 
     def open(self):

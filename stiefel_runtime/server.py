@@ -5,14 +5,14 @@
 
 Pieces, each usable alone (unit tests drive them without sockets):
 
-* :class:`BootSource` finds the laptop's kernel, initrd and cmdline in its
-  /boot (``stiefel/boot.json`` via ``bootconfig``; BLS entries and grub.cfg
-  as fallbacks) and builds the authenticated manifest once.
+* :class:`~stiefel_runtime.bootfiles.BootSource` finds the laptop's kernel,
+  initrd and cmdline in its /boot and builds the authenticated manifest once.
 * :class:`ServerState` holds the sessions handed out in OFFERs, the /boot
   lock state, the NBD PSK of the latest session and the counters shown on
   the console. :meth:`ServerState.route` is the HTTP decision (method, path
   -> status, reason) used by the request handler.
-* :func:`power_warning` decides the AC/battery warning.
+* :mod:`~stiefel_runtime.power` decides the AC/battery warning, :mod:`~stiefel_runtime.storage`
+  finds, unlocks and mounts /boot, :mod:`~stiefel_runtime.procfs` reads the NBD counters.
 * :class:`ServerAgent` wires them to sockets, netlink, nbdkit and the console.
 * :class:`StandaloneServer` is the same agent on a running laptop serving a
   spare disk or image file (config: ``server_config``), without the ramdisk.
@@ -20,184 +20,37 @@ Pieces, each usable alone (unit tests drive them without sockets):
 
 from __future__ import annotations
 
-import glob
+import argparse
 import http.server
 import os
 import re
 import secrets
 import select
-import shutil
+import signal
 import socket
-import stat
 import subprocess
+import sys
 import threading
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils import bootconfig, discovery, keyschedule, messages
-from ansible_collections.stiefel.system.plugins.module_utils import nbd_export, payload, server_config
-from ansible_collections.stiefel.system.plugins.module_utils.agent_common import RUN_DIR, beep, quiet_log
-from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule, nbd_export
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ServerError, StiefelError
+from stiefel_runtime import discovery, messages, payload, server_config
+from stiefel_runtime.bootfiles import BootSource
+from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
+from stiefel_runtime.netlink import LinkManager
+from stiefel_runtime.power import power_warning, read_power_supplies
+from stiefel_runtime.procfs import process_io, tcp_peers
+from stiefel_runtime.storage import boot_dir_of, logical_block_size, luks_open, mount_read_only, resolve_device
 
 DEFAULT_HTTP_PORT = 61571
 MAX_UNLOCK_BODY = 4096
 STATUS_INTERVAL = 30.0
 PEERS_INTERVAL = 5.0
 POWER_INTERVAL = 30.0
-LOW_BATTERY = 20
 _NONCE_HEX = r"([0-9a-f]{32})"
 _PAYLOAD_PATH = re.compile(r"\A/payload/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
 _UNLOCK_PATH = re.compile(r"\A/unlock/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
-
-
-class ServerError(StiefelError):
-    """The server cannot serve (no /boot content, no disk, ...)."""
-
-
-# ------------------------------------------------------------------ /boot content
-
-def _resolve_loader_path(boot_dir, path):
-    """A path from a BLS entry or grub.cfg (relative to the /boot partition or to /) inside ``boot_dir``."""
-    if not path or "$" in path:
-        return None
-    if ")" in path:
-        path = path.split(")", 1)[1]
-    rel = path.lstrip("/")
-    candidates = [rel]
-    if rel.startswith("boot/"):
-        candidates.append(rel[len("boot/"):])
-    for candidate in candidates:
-        try:
-            full = bootconfig.resolve_boot_path(boot_dir, candidate)
-        except bootconfig.BootConfigError:
-            continue
-        if os.path.isfile(full):
-            return full
-    return None
-
-
-def find_boot_files(boot_dir, log=quiet_log):
-    """``(kernel_path, [initrd paths], cmdline, source)`` of what the laptop boots.
-
-    ``boot_dir`` is the content of the laptop's /boot (a separate /boot
-    partition's root, or a root filesystem's ``boot/``).
-    """
-    config_path = bootconfig.boot_config_path_in(boot_dir)
-    if config_path is not None:
-        try:
-            config = bootconfig.load_boot_config(config_path)
-        except bootconfig.BootConfigError as exc:
-            log("boot config %s is invalid (%s); trying the bootloader's configuration" % (config_path, exc))
-        else:
-            base = os.path.dirname(os.path.dirname(config_path))  # the dir holding stiefel/boot.json
-            kernel = bootconfig.resolve_boot_path(base, config["kernel"])
-            initrds = [bootconfig.resolve_boot_path(base, p) for p in config["initrd"]]
-            for path in [kernel] + initrds:
-                if not os.path.isfile(path):
-                    raise ServerError("boot config names %s, which does not exist" % path)
-            return kernel, initrds, config["cmdline"], "boot config " + config_path
-    for conf in sorted(glob.glob(os.path.join(boot_dir, "loader", "entries", "*.conf")), reverse=True):
-        try:
-            with open(conf, "r", encoding="utf-8", errors="replace") as handle:
-                entry = bootconfig.parse_bls_entry(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
-        except OSError:
-            continue
-        if "rescue" in os.path.basename(conf):
-            continue
-        kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
-        initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
-        if kernel and initrds and all(initrds):
-            return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("options", ""))), "BLS entry " + conf
-    for grub_cfg in ("grub/grub.cfg", "grub2/grub.cfg"):
-        path = os.path.join(boot_dir, grub_cfg)
-        try:
-            with open(path, "r", encoding="utf-8", errors="replace") as handle:
-                entries = bootconfig.parse_grub_cfg(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
-        except OSError:
-            continue
-        for entry in entries:
-            kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
-            initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
-            if kernel and initrds and all(initrds):
-                return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("args", ""))), "grub entry " + path
-    raise ServerError("no boot config, BLS entry or grub.cfg entry with a kernel and initrd in %s" % boot_dir)
-
-
-class BootSource(object):
-    """The payload files and their manifest, prepared once per /boot."""
-
-    def __init__(self, boot_dir, run_dir, log=quiet_log):
-        self.boot_dir = boot_dir
-        self.run_dir = run_dir
-        self.log = log
-        self.manifest = None
-        self.paths = None
-
-    def prepare(self, copy=False, extra_cmdline=""):
-        """Find the files and build the manifest; ``copy`` puts them in run_dir (so /boot can be unmounted).
-
-        ``extra_cmdline`` carries what only the server knows to the laptop's
-        NBD-root hook (the exported disk's logical block size).
-        """
-        kernel, initrds, cmdline, source = find_boot_files(self.boot_dir, self.log)
-        if extra_cmdline:
-            cmdline = (cmdline + " " + extra_cmdline).strip()
-        if copy:
-            copied = os.path.join(self.run_dir, "laptop-vmlinuz")
-            shutil.copyfile(kernel, copied)
-            kernel = copied
-        if len(initrds) == 1 and not copy:
-            initrd = initrds[0]
-        else:
-            initrd = os.path.join(self.run_dir, "laptop-initrd.img")
-            with open(initrd, "wb") as out:
-                for part in initrds:
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        self.manifest = payload.build_manifest(kernel, initrd, cmdline)
-        self.paths = {"kernel": kernel, "initrd": initrd}
-        self.log("payload from %s: kernel %s (%d bytes), initrd %s (%d bytes), cmdline %r" % (
-            source, kernel, self.manifest.files["kernel"][0], initrd, self.manifest.files["initrd"][0], cmdline))
-        return self.manifest
-
-
-# ------------------------------------------------------------------ power
-
-def read_power_supplies(sysfs="/sys/class/power_supply"):
-    """``[{"name", "type", "online", "capacity", "status"}]`` from sysfs (missing values are None)."""
-    supplies = []
-    for path in sorted(glob.glob(os.path.join(sysfs, "*"))):
-        entry = {"name": os.path.basename(path)}
-        for field in ("type", "online", "capacity", "status"):
-            try:
-                with open(os.path.join(path, field), "r", encoding="ascii", errors="replace") as handle:
-                    value = handle.read(64).strip()
-            except OSError:
-                value = None
-            if field in ("online", "capacity") and value is not None:
-                try:
-                    value = int(value)
-                except ValueError:
-                    value = None
-            entry[field] = value
-        supplies.append(entry)
-    return supplies
-
-
-def power_warning(supplies, low=LOW_BATTERY):
-    """``(level, message)``: 0 = fine (on AC, or no battery), 1 = on battery, 2 = on battery and low."""
-    batteries = [s for s in supplies if s.get("type") == "Battery"]
-    mains = [s for s in supplies if s.get("type") in ("Mains", "USB", "USB_C", "USB_PD")]
-    if not batteries:
-        return 0, "no battery"
-    on_ac = any(s.get("online") == 1 for s in mains) or any(s.get("status") in ("Charging", "Full") for s in batteries)
-    if on_ac:
-        return 0, "on AC power"
-    capacities = [s["capacity"] for s in batteries if isinstance(s.get("capacity"), int)]
-    capacity = min(capacities) if capacities else None
-    if capacity is not None and capacity <= low:
-        return 2, "WARNING: the laptop runs on battery and is LOW (%d%%): connect its power supply NOW" % capacity
-    return 1, "warning: the laptop runs on battery (%s): connect its power supply" % (
-        "%d%%" % capacity if capacity is not None else "unknown charge")
 
 
 # ------------------------------------------------------------------ state and HTTP decisions
@@ -399,114 +252,6 @@ class DualStackServer(http.server.ThreadingHTTPServer):
         super().server_bind()
 
 
-# ------------------------------------------------------------------ block devices and mounts
-
-def logical_block_size(path):
-    """The logical sector size of a block device (its partition table uses it); 512 for an image file."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return 512
-    if not stat.S_ISBLK(info.st_mode):
-        return 512
-    sysdir = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(info.st_rdev), os.minor(info.st_rdev)))
-    for candidate in (sysdir, os.path.dirname(sysdir)):  # a partition's queue is its disk's
-        try:
-            with open(os.path.join(candidate, "queue", "logical_block_size")) as handle:
-                size = int(handle.read().strip())
-        except (OSError, ValueError):
-            continue
-        if size in (512, 1024, 2048, 4096):
-            return size
-    return 512
-
-
-def resolve_device(spec, timeout=30.0, log=quiet_log):
-    """``UUID=...``/``LABEL=...``/``PARTUUID=...`` or a path -> a device path (waits for late disks)."""
-    deadline = time.monotonic() + timeout
-    announced = False
-    while True:
-        if "=" in spec and not spec.startswith("/"):
-            tag = spec.split("=", 1)[0].upper()
-            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL", "PTUUID"):
-                raise ServerError("unsupported device spec %r" % spec)
-            proc = subprocess.run(["blkid", "-o", "device", "-t", spec], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, check=False)
-            found = proc.stdout.decode("utf-8", "replace").split()
-            if proc.returncode == 0 and found:
-                return found[0]
-        elif os.path.exists(spec):
-            return spec
-        if time.monotonic() >= deadline:
-            raise ServerError("device %s not found" % spec)
-        if not announced:
-            log("waiting up to %ds for device %s" % (timeout, spec))
-            announced = True
-        time.sleep(0.5)  # block devices have no netlink event we can use without udev
-
-
-def mount_read_only(device, mountpoint):
-    os.makedirs(mountpoint, exist_ok=True)
-    proc = subprocess.run(["mount", "-o", "ro", device, mountpoint], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise ServerError("cannot mount %s read-only: %s" % (device, proc.stdout.decode("utf-8", "replace").strip()))
-
-
-def boot_dir_of(mountpoint):
-    """A mounted /boot partition, or a root filesystem holding boot/."""
-    if bootconfig.boot_config_path_in(mountpoint) == os.path.join(mountpoint, bootconfig.BOOT_CONFIG_RELPATH):
-        return os.path.join(mountpoint, "boot")
-    if not glob.glob(os.path.join(mountpoint, "vmlinuz*")) and os.path.isdir(os.path.join(mountpoint, "boot")):
-        return os.path.join(mountpoint, "boot")
-    return mountpoint
-
-
-def luks_open(device, name, passphrase):
-    proc = subprocess.run(["cryptsetup", "open", "--type", "luks", "--key-file=-", device, name],
-                          input=passphrase, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise ServerError("cryptsetup refused the passphrase (rc=%d)" % proc.returncode)
-    return "/dev/mapper/" + name
-
-
-# ------------------------------------------------------------------ nbd counters
-
-def process_io(pid):
-    """``(read_bytes, written_bytes)`` a process did through syscalls (rchar/wchar), or None."""
-    try:
-        with open("/proc/%d/io" % pid, "r", encoding="ascii") as handle:
-            fields = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
-        return int(fields["rchar"]), int(fields["wchar"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def tcp_peers(port, path="/proc/net/tcp6"):
-    """Remote addresses with an established TCP connection to local ``port``."""
-    peers = []
-    try:
-        with open(path, "r", encoding="ascii") as handle:
-            lines = handle.read().splitlines()[1:]
-    except OSError:
-        return peers
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 4 or parts[3] != "01":
-            continue
-        try:
-            local_port = int(parts[1].split(":")[1], 16)
-            remote = parts[2].split(":")[0]
-        except (IndexError, ValueError):
-            continue
-        if local_port != port:
-            continue
-        raw = bytes.fromhex(remote)
-        addr = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-        peers.append(socket.inet_ntop(socket.AF_INET6, addr))
-    return peers
-
-
 # ------------------------------------------------------------------ the agent
 
 class ServerAgent(object):
@@ -678,7 +423,6 @@ class ServerAgent(object):
         self.console.debug("offered to %s" % source)
 
     def run(self, ready_timeout=None):
-        from ansible_collections.stiefel.system.plugins.module_utils.netlink import LinkManager
 
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         self.links = LinkManager(mtu=self.mtu, manage=self.manage_links, log=self.console)
@@ -793,3 +537,101 @@ class StandaloneServer(ServerAgent):
             self.console.debug("ignoring a datagram from %s%%%s: not a listening interface" % (host, scope))
             return
         super().handle_datagram(data, host, port, scope)
+
+
+# ------------------------------------------------------------------ command line
+def _terminate(_signum, _frame):
+    # SystemExit unwinds through ServerAgent.run's cleanup, so nbdkit is stopped with us
+    # (a plain SIGTERM death would leave it serving).
+    sys.exit(143)
+
+
+def standalone_config(args):
+    """The ServerConfig from --config and the flags (flags win)."""
+    overrides = {}
+    for key, value in (("disk", args.disk), ("boot_dir", args.boot_dir), ("boot", args.boot), ("key", args.key),
+                       ("run_dir", args.run_dir), ("export_name", args.export_name), ("mtu", args.mtu),
+                       ("http_port", args.http_port), ("nbd_port", args.nbd_port)):
+        if value is not None:
+            overrides[key] = str(value)
+    if args.interface:
+        overrides["interfaces"] = " ".join(args.interface)
+    if args.debug:
+        overrides["debug"] = "yes"
+    if args.config:
+        return server_config.load(args.config, overrides)
+    return server_config.build(overrides)
+
+
+def run_standalone(args):
+    console = Console("stiefel-server", debug=args.debug)
+    try:
+        config = standalone_config(args)
+        console.debug_enabled = config.debug
+        key = keyfile.read_key(config.key)
+        agent = StandaloneServer(key, console, config, power_sysfs=args.power_sysfs)
+        agent.run()
+    except (server_config.ServerConfigError, nbd_export.DeviceInUse) as exc:
+        console("refused: %s" % exc)
+        return EXIT_REFUSED
+    except StiefelError as exc:
+        console("fatal: %s" % exc)
+        return EXIT_FAILED
+    return 0
+
+
+def run_ramdisk(args):
+    options = parse_cmdline(read_cmdline(args.cmdline_file))
+    console = Console("stiefel-server", debug=args.debug or options.get("debug") is True)
+    try:
+        key = keyfile.read_key(args.key or DEFAULT_KEY_PATH)
+        agent = ServerAgent(
+            key, console, run_dir=args.run_dir or RUN_DIR, boot_dir=args.boot_dir,
+            boot_spec=None if args.boot_dir else options.get("boot") or None,
+            luks_spec=None if args.boot_dir else options.get("luksboot") or None,
+            disk=args.disk or options.get("disk") or None, mtu=options.get("mtu"),
+            http_port=args.http_port or DEFAULT_HTTP_PORT, nbd_port=args.nbd_port or 10809,
+            export_name=args.export_name or "stiefel", power_sysfs=args.power_sysfs)
+        agent.run()
+    except StiefelError as exc:
+        console("fatal: %s" % exc)
+        return EXIT_FAILED
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stiefel-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="standalone mode: serve what this file names (e.g. /etc/stiefel/server.conf)")
+    parser.add_argument("--check-config", metavar="FILE",
+                        help="only parse a standalone config file and print it normalized (exit 0 valid, 2 refused)")
+    parser.add_argument("--standalone", action="store_true", help="standalone mode from the flags alone")
+    parser.add_argument("--key", help="the stiefel key (default /etc/stiefel/key)")
+    parser.add_argument("--cmdline-file", default="/proc/cmdline", help="ramdisk: read stiefel.* options from here")
+    parser.add_argument("--boot-dir", help="serve the payload from this directory (the laptop's /boot content)")
+    parser.add_argument("--boot", help="standalone: the partition holding /boot (path or UUID=...), read read-only")
+    parser.add_argument("--disk", help="export this disk or image file over NBD (instead of stiefel.disk=)")
+    parser.add_argument("--interface", action="append", metavar="NAME|MAC",
+                        help="standalone: listen on (and bring up) this interface; repeat for more")
+    parser.add_argument("--mtu", help="standalone: MTU for the named interfaces")
+    parser.add_argument("--run-dir", help="scratch directory (default /run/stiefel, standalone /run/stiefel-server)")
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--nbd-port", type=int)
+    parser.add_argument("--export-name")
+    parser.add_argument("--power-sysfs", default="/sys/class/power_supply")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    if args.check_config:
+        try:
+            sys.stdout.write(server_config.render(server_config.load(args.check_config)))
+        except server_config.ServerConfigError as exc:
+            sys.stderr.write("stiefel-server: refused: %s\n" % exc)
+            return EXIT_REFUSED
+        return 0
+    standalone = bool(args.config or args.standalone)
+    if not standalone and (args.boot or args.interface or args.mtu):
+        parser.error("--boot, --interface and --mtu are for standalone mode (--config or --standalone)")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_standalone(args) if standalone else run_ramdisk(args)
+    except KeyboardInterrupt:
+        return 130

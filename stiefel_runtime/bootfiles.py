@@ -1,0 +1,121 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What the laptop boots, read from its /boot: the boot config, or BLS entries and grub.cfg as fallbacks,
+and the payload manifest built from them once."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from ansible_collections.stiefel.system.plugins.module_utils import bootconfig
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ServerError
+from stiefel_runtime import payload
+from stiefel_runtime.common import quiet_log
+
+
+def _resolve_loader_path(boot_dir, path):
+    """A path from a BLS entry or grub.cfg (relative to the /boot partition or to /) inside ``boot_dir``."""
+    if not path or "$" in path:
+        return None
+    if ")" in path:
+        path = path.split(")", 1)[1]
+    rel = path.lstrip("/")
+    candidates = [rel]
+    if rel.startswith("boot/"):
+        candidates.append(rel[len("boot/"):])
+    for candidate in candidates:
+        try:
+            full = bootconfig.resolve_boot_path(boot_dir, candidate)
+        except bootconfig.BootConfigError:
+            continue
+        if os.path.isfile(full):
+            return full
+    return None
+
+
+def find_boot_files(boot_dir, log=quiet_log):
+    """``(kernel_path, [initrd paths], cmdline, source)`` of what the laptop boots.
+
+    ``boot_dir`` is the content of the laptop's /boot (a separate /boot
+    partition's root, or a root filesystem's ``boot/``).
+    """
+    config_path = bootconfig.boot_config_path_in(boot_dir)
+    if config_path is not None:
+        try:
+            config = bootconfig.load_boot_config(config_path)
+        except bootconfig.BootConfigError as exc:
+            log("boot config %s is invalid (%s); trying the bootloader's configuration" % (config_path, exc))
+        else:
+            base = os.path.dirname(os.path.dirname(config_path))  # the dir holding stiefel/boot.json
+            kernel = bootconfig.resolve_boot_path(base, config["kernel"])
+            initrds = [bootconfig.resolve_boot_path(base, p) for p in config["initrd"]]
+            for path in [kernel] + initrds:
+                if not os.path.isfile(path):
+                    raise ServerError("boot config names %s, which does not exist" % path)
+            return kernel, initrds, config["cmdline"], "boot config " + config_path
+    for conf in sorted(glob.glob(os.path.join(boot_dir, "loader", "entries", "*.conf")), reverse=True):
+        try:
+            with open(conf, "r", encoding="utf-8", errors="replace") as handle:
+                entry = bootconfig.parse_bls_entry(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
+        except OSError:
+            continue
+        if "rescue" in os.path.basename(conf):
+            continue
+        kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
+        initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
+        if kernel and initrds and all(initrds):
+            return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("options", ""))), "BLS entry " + conf
+    for grub_cfg in ("grub/grub.cfg", "grub2/grub.cfg"):
+        path = os.path.join(boot_dir, grub_cfg)
+        try:
+            with open(path, "r", encoding="utf-8", errors="replace") as handle:
+                entries = bootconfig.parse_grub_cfg(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
+        except OSError:
+            continue
+        for entry in entries:
+            kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
+            initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
+            if kernel and initrds and all(initrds):
+                return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("args", ""))), "grub entry " + path
+    raise ServerError("no boot config, BLS entry or grub.cfg entry with a kernel and initrd in %s" % boot_dir)
+
+
+class BootSource(object):
+    """The payload files and their manifest, prepared once per /boot."""
+
+    def __init__(self, boot_dir, run_dir, log=quiet_log):
+        self.boot_dir = boot_dir
+        self.run_dir = run_dir
+        self.log = log
+        self.manifest = None
+        self.paths = None
+
+    def prepare(self, copy=False, extra_cmdline=""):
+        """Find the files and build the manifest; ``copy`` puts them in run_dir (so /boot can be unmounted).
+
+        ``extra_cmdline`` carries what only the server knows to the laptop's
+        NBD-root hook (the exported disk's logical block size).
+        """
+        kernel, initrds, cmdline, source = find_boot_files(self.boot_dir, self.log)
+        if extra_cmdline:
+            cmdline = (cmdline + " " + extra_cmdline).strip()
+        if copy:
+            copied = os.path.join(self.run_dir, "laptop-vmlinuz")
+            shutil.copyfile(kernel, copied)
+            kernel = copied
+        if len(initrds) == 1 and not copy:
+            initrd = initrds[0]
+        else:
+            initrd = os.path.join(self.run_dir, "laptop-initrd.img")
+            with open(initrd, "wb") as out:
+                for part in initrds:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        self.manifest = payload.build_manifest(kernel, initrd, cmdline)
+        self.paths = {"kernel": kernel, "initrd": initrd}
+        self.log("payload from %s: kernel %s (%d bytes), initrd %s (%d bytes), cmdline %r" % (
+            source, kernel, self.manifest.files["kernel"][0], initrd, self.manifest.files["initrd"][0], cmdline))
+        return self.manifest
