@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: set up, then run the QEMU demo (a virtual laptop
 # boots a virtual desktop) with visible progress. The steps are the same as
-# the molecule scenario molecule/e2e (lab/e2e.py). Serial logs and the
+# the molecule scenario extensions/molecule/e2e (lab/e2e.py). Serial logs and the
 # timeline go to ${STIEFEL_CACHE_DIR:-.cache}/e2e/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -14,7 +14,7 @@
 #   integration  pytest -m integration tests/integration (root; builds images,
 #                boots QEMU: minutes); "no tests collected" fails once any
 #                integration test file exists
-#   molecule     `molecule test -s <name>` for every molecule/<name>/molecule.yml
+#   molecule     `molecule test -s <name>` for every extensions/molecule/<name>/molecule.yml
 #
 # Runs as root on a clean Debian 12 machine (CI: CI=true, no stdin). Stops at
 # the first failing stage (non-zero exit, one line naming the stage), then
@@ -207,13 +207,13 @@ stage_integration() {
 
 stage_molecule() {
     local scenarios=() d name bad=0
-    for d in molecule/*/; do
+    for d in extensions/molecule/*/; do
         [ -f "${d}molecule.yml" ] || continue
         name=$(basename "$d")
         scenarios+=("$name")
     done
     if [ "${#scenarios[@]}" -eq 0 ]; then
-        echo "molecule: no scenarios (molecule/<name>/molecule.yml) yet"
+        echo "molecule: no scenarios (extensions/molecule/<name>/molecule.yml) yet"
         stage_note="no scenarios"
         return 3
     fi

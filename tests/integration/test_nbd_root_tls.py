@@ -63,7 +63,7 @@ def build_boot_files():
     if not os.path.exists(TARBALL):
         # The same builder and cache as the laptop_initramfs_tools molecule scenario.
         log("building the laptop chroot tarball %s (mmdebstrap, a few minutes)" % TARBALL)
-        run(["bash", os.path.join(REPO, "molecule", "laptop_initramfs_tools", "build-root.sh"),
+        run(["bash", os.path.join(REPO, "extensions", "molecule", "laptop_initramfs_tools", "build-root.sh"),
              "initramfs-tools", TARBALL])
     out = os.path.join(WORK, hook_hash())
     kernel, initrd = os.path.join(out, "vmlinuz"), os.path.join(out, "initrd.img")
