@@ -2,7 +2,7 @@
 """Benchmark the stiefel ramdisk build and boot (measurements, not tests).
 
 Measures, in one run:
-- cold build: playbooks/build-image.yml into an empty output directory
+- cold build: playbooks/build_image.yml into an empty output directory
   ($STIEFEL_CACHE_DIR/bench/ramdisk-cold, deleted first; skip with --skip-cold),
 - unchanged rebuild: the same playbook again on that output,
 - overlay-only rebuild: with one extra agent file (then restored),
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "collections"))
 
 from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest  # noqa: E402
 CACHE = Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
-PLAYBOOK = REPO / "playbooks" / "build-image.yml"
+PLAYBOOK = REPO / "playbooks" / "build_image.yml"
 
 
 def playbook(out_dir, *extra):

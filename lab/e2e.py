@@ -1,8 +1,8 @@
 """The end-to-end flow in QEMU: a virtual laptop boots a virtual desktop.
 
 Subcommands (molecule's create/converge/verify/destroy and the demo call them):
-  create    laptop disk (real Debian + the project's setup-server.yml, through a
-            chroot connection), client stick (the project's flash-usb.yml into an
+  create    laptop disk (real Debian + the project's setup_server.yml, through a
+            chroot connection), client stick (the project's flash_usb.yml into an
             image file), the virtual cable (namespace, bridge, two taps)
   converge  boot the laptop from its disk, then the desktop from the stick (UEFI);
             wait for every stage of the flow; print the timeline
@@ -101,12 +101,12 @@ def create(args):
             "ansible_host": root,
             "ansible_python_interpreter": "/usr/bin/python3",
         }}}}, handle)
-    # setup-server.yml installs the ramdisk on the laptop; the project's own
+    # setup_server.yml installs the ramdisk on the laptop; the project's own
     # playbook builds it (seconds when its inputs are unchanged).
-    ansible_playbook("playbooks/build-image.yml")
+    ansible_playbook("playbooks/build_image.yml")
     mounts = mount_api(root)
     try:
-        ansible_playbook("-i", inventory, "playbooks/setup-server.yml",
+        ansible_playbook("-i", inventory, "playbooks/setup_server.yml",
                          "-e", "stiefel_hosts=e2e-laptop",
                          "-e", json.dumps({
                              "laptop_key_path": "/etc/stiefel/key",
@@ -124,7 +124,7 @@ def create(args):
         dst.write(src.read())
     laptop_disk.make_image(root, os.path.join(wd, "laptop.img"), "")
     stick = os.path.join(wd, "stick.img")
-    ansible_playbook("playbooks/flash-usb.yml", "-e", json.dumps({
+    ansible_playbook("playbooks/flash_usb.yml", "-e", json.dumps({
         "device": stick, "confirm": stick, "image_size": "512M", "usb_stick_key_path": key,
     }))
     link = VirtualLink(suffix="e2e").create()

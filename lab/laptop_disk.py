@@ -2,7 +2,7 @@
 
 A real Debian bookworm (mmdebstrap, the host's apt sources) with its own
 kernel and initramfs, on a GPT disk image with GRUB (BIOS), so it boots on
-its own in QEMU. The project's setup-server.yml is applied to the root
+its own in QEMU. The project's setup_server.yml is applied to the root
 through a chroot connection before the root is packed into the image, so
 what boots is what the playbook made.
 

@@ -412,8 +412,8 @@ def ramdisk_listing(initrd):
 
 
 def _build_ramdisk(why):
-    print("[qemu] ramdisk image %s: building it with playbooks/build-image.yml" % why, flush=True)
-    proc = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "playbooks/build-image.yml"],
+    print("[qemu] ramdisk image %s: building it with playbooks/build_image.yml" % why, flush=True)
+    proc = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "playbooks/build_image.yml"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RamdiskUnavailable("cannot build the ramdisk image: %s" % (proc.stdout[-2000:] + proc.stderr[-2000:]))

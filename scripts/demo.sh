@@ -15,7 +15,7 @@ export PATH="$here/.venv/bin:$PATH"
 step() { echo; echo "=== demo: $1 ($(date +%H:%M:%S))"; .venv/bin/python -m lab.e2e "$@"; }
 trap '.venv/bin/python -m lab.e2e destroy >/dev/null 2>&1 || true' EXIT
 step destroy
-echo "demo: building the virtual laptop (real Debian + setup-server.yml) and the stick (flash-usb.yml); several minutes"
+echo "demo: building the virtual laptop (real Debian + setup_server.yml) and the stick (flash_usb.yml); several minutes"
 step create
 step converge
 step verify

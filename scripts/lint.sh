@@ -4,7 +4,7 @@
 # which excludes .cache/, .venv/, collections/, tests/output/).
 #
 #   bash scripts/lint.sh            # the whole collection
-#   bash scripts/lint.sh roles/usb_stick playbooks/flash-usb.yml
+#   bash scripts/lint.sh roles/usb_stick playbooks/flash_usb.yml
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"

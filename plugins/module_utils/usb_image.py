@@ -164,7 +164,7 @@ class StickSpec:
     def validate(self):
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if not os.path.isfile(path):
-                raise StickError("%s %s does not exist (build the ramdisk first: playbooks/build-image.yml)"
+                raise StickError("%s %s does not exist (build the ramdisk first: playbooks/build_image.yml)"
                                  % (what, path))
         check_key(self.key_text)
         if "\n" in self.extra_cmdline or "stiefel-key" in self.extra_cmdline:

@@ -1,4 +1,4 @@
-"""Integration test of the stiefel ramdisk build (role ramdisk, playbooks/build-image.yml).
+"""Integration test of the stiefel ramdisk build (role ramdisk, playbooks/build_image.yml).
 
 Runs the real playbook (mmdebstrap, cpio, zstd; the cached output in
 $STIEFEL_CACHE_DIR/ramdisk is reused when its inputs did not change), checks
@@ -25,7 +25,7 @@ from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_buil
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-PLAYBOOK = REPO / "playbooks" / "build-image.yml"
+PLAYBOOK = REPO / "playbooks" / "build_image.yml"
 ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
 BOOT_TIMEOUT = 240  # seconds; TCG boots the ramdisk to the agent in well under a minute
 

@@ -9,7 +9,7 @@ laptop's NBD-root hook uses (nbdkit's nbd plugin on a socket bash opened to
 the scoped link-local address). Interfaces the config does not name stay as
 they were. The namespace plumbing and the fake /boot are test_agents_netns'.
 
-Also here: the ``standalone_server`` role (playbooks/serve-standalone.yml) in
+Also here: the ``standalone_server`` role (playbooks/serve_standalone.yml) in
 check mode, for real and again on a throwaway overlay of this machine's
 /etc and /usr, and its unit file through ``systemd-analyze verify``.
 """
@@ -227,7 +227,7 @@ def test_the_running_systems_disk_is_refused(world):
 # --------------------------------------------------------------------------- the role and its unit
 
 ANSIBLE_PLAYBOOK = os.path.join(REPO, ".venv", "bin", "ansible-playbook")
-PLAYBOOK = os.path.join(REPO, "playbooks", "serve-standalone.yml")
+PLAYBOOK = os.path.join(REPO, "playbooks", "serve_standalone.yml")
 
 
 @pytest.fixture
@@ -276,7 +276,7 @@ def _converge(root, *extra):
                           env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     recap = re.search(r"ok=(\d+)\s+changed=(\d+)", proc.stdout)
-    print("serve-standalone.yml %s: changed=%s (%s)" % (" ".join(extra), recap.group(2), ", ".join(
+    print("serve_standalone.yml %s: changed=%s (%s)" % (" ".join(extra), recap.group(2), ", ".join(
         sorted(set(_changed_tasks(proc.stdout))))))
     return int(recap.group(2)), proc.stdout
 

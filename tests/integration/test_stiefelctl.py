@@ -7,7 +7,7 @@
   manifest.json), and with the real ramdisk from test_ramdisk_image's
   ``built`` fixture (the cached build; nothing is built twice).
 * ``create-usbdrive`` writes the client stick into a new image file through
-  flash-usb.yml; the stick's layout itself is test_usb_stick's subject, here:
+  flash_usb.yml; the stick's layout itself is test_usb_stick's subject, here:
   the files on the ESP are ours, a second run and ``--check`` change nothing.
 * ``test-qemu``: refusals without a ramdisk or with bad arguments, and the
   real ramdisk booted as a server under TCG until its ready marker.

@@ -11,7 +11,7 @@ the VM over SSH with a key made for this run.
    generated unit runs (``systemctl is-active``), the export answers over the cable with the flags the
    library promises, a second run changes nothing, a changed setting restarts it (new MainPID), and
    ``state: stopped`` stops it so the export no longer answers.
-2. ``playbooks/serve-standalone.yml`` against the same VM: ``stiefel-server-standalone.service`` runs,
+2. ``playbooks/serve_standalone.yml`` against the same VM: ``stiefel-server-standalone.service`` runs,
    and it answers a DISCOVER sent from the host on the cable (ff02::1) with a standalone OFFER;
    ``systemctl stop`` leaves it inactive with Result=success (the agent's exit 143 counts as clean).
 
@@ -280,12 +280,12 @@ def test_standalone_server_unit_under_systemd(lab):
     boot = {"format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-sd", "initrd": ["initrd.img-sd"],
             "cmdline": "root=UUID=1234-abcd ro quiet", "root": "UUID=1234-abcd"}
     lab.ssh("cat > /srv/sd-boot/stiefel/boot.json <<'EOF'\n%s\nEOF" % json.dumps(boot))
-    argv = [os.path.join(REPO, ".venv/bin/ansible-playbook"), "playbooks/serve-standalone.yml", "-i", lab.inventory,
+    argv = [os.path.join(REPO, ".venv/bin/ansible-playbook"), "playbooks/serve_standalone.yml", "-i", lab.inventory,
             "-e", "stiefel_hosts=sdvm", "-e", "standalone_server_disk=/srv/sd-desktop.img",
             "-e", "standalone_server_boot_dir=/srv/sd-boot"]
     started = time.monotonic()
     proc = lab.host(*argv, timeout=600)
-    print("serve-standalone.yml: rc %d in %.0f s\n%s"
+    print("serve_standalone.yml: rc %d in %.0f s\n%s"
           % (proc.returncode, time.monotonic() - started, proc.stdout[-1500:]))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     time.sleep(3)  # Type=simple: "active" at once; a crash right after start would show as a restart

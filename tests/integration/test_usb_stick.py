@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """Integration tests for the USB stick writer (issue 5), with the real tools.
 
-* flash-usb.yml writes a stick into an image file; the partition table (sfdisk),
+* flash_usb.yml writes a stick into an image file; the partition table (sfdisk),
   the ESP files (mtools), the key archive and the BIOS boot code are checked.
 * The image boots in QEMU (TCG) with OVMF (UEFI) and with SeaBIOS (legacy):
   - always with a fixture payload (Debian's kernel + a busybox initrd whose /init
@@ -43,7 +43,7 @@ CACHE = os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
 USB_CACHE = os.path.join(CACHE, "usb")
 FIXTURE = os.path.join(USB_CACHE, "fixture")
 RAMDISK = os.path.join(CACHE, "ramdisk")
-PLAYBOOK = os.path.join(REPO, "playbooks", "flash-usb.yml")
+PLAYBOOK = os.path.join(REPO, "playbooks", "flash_usb.yml")
 ANSIBLE = os.path.join(REPO, ".venv", "bin", "ansible-playbook")
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
@@ -142,7 +142,7 @@ def run_playbook(extra, check=False, expect_rc=0):
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"))
-    print("flash-usb.yml device=%s confirm=%s%s: rc=%d in %.1fs"
+    print("flash_usb.yml device=%s confirm=%s%s: rc=%d in %.1fs"
           % (extra.get("device"), extra.get("confirm", "(none)"), " --check" if check else "",
              proc.returncode, time.monotonic() - start))
     out = proc.stdout + proc.stderr
@@ -265,11 +265,11 @@ def stick_vars(payload, image, workdir, size="400M", esp=128, confirm=True):
 
 @pytest.fixture(scope="module")
 def stick(payload, workdir):
-    """A stick written by flash-usb.yml into a new 400 MiB image file."""
+    """A stick written by flash_usb.yml into a new 400 MiB image file."""
     image = os.path.join(workdir, "stick.img")
     start = time.monotonic()
     _rc, out = run_playbook(stick_vars(payload, image, workdir))
-    print("flash-usb.yml wrote %s (%d bytes, %d allocated) in %.1fs"
+    print("flash_usb.yml wrote %s (%d bytes, %d allocated) in %.1fs"
           % (image, os.path.getsize(image), os.stat(image).st_blocks * 512, time.monotonic() - start))
     assert "written and verified" in out
     for pct in range(10, 101, 10):
@@ -408,7 +408,7 @@ def test_boot_fixture_payload(stick, payload, workdir, firmware):
 def _real_ramdisk_or_skip():
     kernel, initrd = os.path.join(RAMDISK, "vmlinuz"), os.path.join(RAMDISK, "initrd.img")
     if not (os.path.isfile(kernel) and os.path.isfile(initrd)):
-        pytest.skip("no stiefel ramdisk in %s yet (build it with playbooks/build-image.yml)" % RAMDISK)
+        pytest.skip("no stiefel ramdisk in %s yet (build it with playbooks/build_image.yml)" % RAMDISK)
     return kernel, initrd
 
 
