@@ -159,7 +159,8 @@ def role_client(args):
         cn, sn = bytes.fromhex(args.client_nonce), bytes.fromhex(args.server_nonce)
         offer_bytes = messages.build_offer(key, cn, sn, messages.ROLE_SERVER, http_port=HTTP_PORT, nbd_port=10809,
                                            export_name="bench")
-        offer = discovery.Offer(messages.parse(key, offer_bytes, expect=(messages.OFFER,)), args.server, 0, 0)
+        offer = discovery.Offer(messages.parse(key, offer_bytes, expect=(messages.OFFER,)), args.server, 0, 0,
+                                session_nonce=sn)
         manifest = client.fetch_payload(key, offer, args.ifname, args.dest)
         size = manifest.total_size
     elapsed = time.monotonic() - started

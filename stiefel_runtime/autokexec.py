@@ -138,7 +138,7 @@ class Decider(object):
         self.key = key
         self.listen_indexes = listen_indexes  # None: every interface; else a callable(index) -> bool
         self.book = messages.ChallengeBook(**kwargs)
-        self.responder = discovery.Responder(key, self.offer_fields, book=self.book, accept_kexec=True, **kwargs)
+        self.responder = discovery.Responder(key, self.offer_fields, challenges=self.book, accept_kexec=True, **kwargs)
 
     @staticmethod
     def offer_fields():

@@ -7,8 +7,10 @@ Discovery runs on every interface at once (one socket, one DISCOVER per
 ready link, re-sent every few seconds; links that appear later join as soon
 as netlink reports their link-local address). An autokexec OFFER gets a
 KEXEC_REQUEST (the laptop then kexecs into the server ramdisk; discovery
-goes on); a server OFFER leads to the payload fetch, verification, the NBD
-hook's command line, the PSK cpio appended to the laptop initrd, and kexec.
+goes on); a server OFFER gets a SESSION_REQUEST (one at a time, so the
+server's NBD PSK ends up being the session this client boots with), and its
+SESSION_ACCEPT leads to the payload fetch, verification, the NBD hook's
+command line, the PSK cpio appended to the laptop initrd, and kexec.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, messages, payload
+from stiefel_runtime import discovery, kexec, lockdown, messages, payload
 from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, EXIT_FAILED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, stdout_log, strip_stiefel_options
 from stiefel_runtime.netlink import LinkManager
 
@@ -67,11 +69,11 @@ def _connect(offer, ifname, timeout):
 
 
 def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
-    """POST the sealed passphrase; return ``(ok, message)``."""
-    blob = payload.seal_passphrase(key, offer.client_nonce, offer.server_nonce, passphrase)
+    """POST the sealed passphrase for the session of the accepted ``offer``; return ``(ok, message)``."""
+    blob = payload.seal_passphrase(key, offer.client_nonce, offer.session_nonce, passphrase)
     conn = _connect(offer, ifname, timeout)
     try:
-        conn.request("POST", url_path("unlock", offer.client_nonce, offer.server_nonce), body=blob,
+        conn.request("POST", url_path("unlock", offer.client_nonce, offer.session_nonce), body=blob,
                      headers={"Host": "stiefel", "Content-Type": "application/octet-stream"})
         resp = conn.getresponse()
         text = resp.read(4096).decode("utf-8", "replace").strip()
@@ -81,10 +83,10 @@ def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
 
 
 def fetch_payload(key, offer, ifname, dest_dir, log=quiet_log, timeout=HTTP_TIMEOUT):
-    """GET the payload for ``offer`` and verify it into ``dest_dir``; return the manifest."""
+    """GET the payload of the accepted ``offer``'s session and verify it into ``dest_dir``; return the manifest."""
     conn = _connect(offer, ifname, timeout)
     try:
-        conn.request("GET", url_path("payload", offer.client_nonce, offer.server_nonce), headers={"Host": "stiefel"})
+        conn.request("GET", url_path("payload", offer.client_nonce, offer.session_nonce), headers={"Host": "stiefel"})
         resp = conn.getresponse()
         if resp.status != 200:
             raise ClientError("server refused the payload: %d %s" % (
@@ -120,6 +122,7 @@ class ClientAgent(object):
         self.links = None
         self.sock = None
         self.result = None
+        self._session_wait_until = 0.0  # a SESSION_REQUEST is outstanding until then
 
     def _send_round(self):
         for link in self.links.ready_links():
@@ -175,6 +178,13 @@ class ClientAgent(object):
             self.console("laptop %s acknowledged: it is rebooting into server mode" % source)
             return None
         offer = got
+        if offer.session_nonce is not None:
+            self._session_wait_until = 0.0
+            try:
+                return self.boot_from(offer)
+            except (StiefelError, OSError, http.client.HTTPException, socket.timeout) as exc:
+                self.console("boot from %s failed: %s; discovering again" % (source, exc))
+                return None
         if offer.role == messages.ROLE_AUTOKEXEC:
             self.console("laptop OS at %s offers autokexec: asking it to reboot into server mode" % source)
             try:
@@ -185,11 +195,18 @@ class ClientAgent(object):
         if offer.role not in (messages.ROLE_SERVER, messages.ROLE_STANDALONE):
             self.console("ignoring OFFER with role %d from %s" % (offer.role, source))
             return None
-        try:
-            return self.boot_from(offer)
-        except (StiefelError, OSError, http.client.HTTPException, socket.timeout) as exc:
-            self.console("boot from %s failed: %s; discovering again" % (source, exc))
+        if time.monotonic() < self._session_wait_until:
+            # every accepted session replaces the server's NBD PSK: ask for one at a time
+            self.console.debug("OFFER from %s while a session request is outstanding: not answered" % source)
             return None
+        try:
+            self.sock.sendto(self.disc.session_request(offer), (host, port, 0, scope))
+        except OSError as exc:
+            self.console("cannot send SESSION_REQUEST to %s: %s" % (source, exc))
+            return None
+        self._session_wait_until = time.monotonic() + discovery.SESSION_WAIT
+        self.console.debug("answered the challenge of %s: asking for a session" % source)
+        return None
 
     def _link(self, index):
         return self.links.links.get(index)
@@ -219,6 +236,7 @@ class ClientAgent(object):
         manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console)
         elapsed = time.monotonic() - started
         self.console.marker("payload verified")
+        lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
         self.console("payload: %.1f MB in %.2f s (%.1f MB/s)" % (
             manifest.total_size / 1e6, elapsed, manifest.total_size / 1e6 / max(elapsed, 1e-6)))
         cmdline = hook_cmdline(manifest.cmdline, link.mac, offer.address, offer.message.nbd_port or 10809,
@@ -233,11 +251,11 @@ class ClientAgent(object):
             path = os.path.join(self.run_dir, "nbd-psk.cpio")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
-                out.write(psk_archive(self.key, offer.client_nonce, offer.server_nonce))
+                out.write(psk_archive(self.key, offer.client_nonce, offer.session_nonce))
             return 0
         initrd = os.path.join(self.run_dir, "initrd-with-psk.img")
         kexec.concat_files(initrd, [os.path.join(dest, "initrd")],
-                           psk_archive(self.key, offer.client_nonce, offer.server_nonce))
+                           psk_archive(self.key, offer.client_nonce, offer.session_nonce))
         os.unlink(os.path.join(dest, "initrd"))
         self.console("kernel command line: %s" % cmdline)
         self.console.marker("kexec")

@@ -10,13 +10,16 @@ opens the sockets. The client sends one DISCOVER per interface to
 scope id picks the interface), and accepts an OFFER only if it answers a
 nonce it sent on the interface the OFFER arrived on. The answering side
 (server ramdisk, autokexec) drops replayed DISCOVERs and hands out a fresh
-server nonce (the challenge) in every OFFER.
+challenge in every OFFER; nothing else happens until that challenge is
+answered with the key: KEXEC_REQUEST (autokexec) or SESSION_REQUEST (server,
+which only then opens a session with a new session nonce, in SESSION_ACCEPT).
 """
 
 from __future__ import annotations
 
 import collections
 import hmac
+import os
 import socket
 import time
 
@@ -29,18 +32,39 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
 
 ALL_NODES = "ff02::1"
 PORT = messages.DISCOVERY_PORT
+REPLAY_WINDOW = 600.0
+# Tests shorten the replay window to show what a DISCOVER replayed after it gets (nothing usable).
+REPLAY_WINDOW_ENV = "STIEFEL_REPLAY_WINDOW"
+# How long the client waits for SESSION_ACCEPT before it takes another OFFER.
+SESSION_WAIT = 3.0
+
+
+def replay_window_seconds(environ=None):
+    """The replay window of DISCOVERs: REPLAY_WINDOW, or a positive number from $STIEFEL_REPLAY_WINDOW."""
+    raw = (os.environ if environ is None else environ).get(REPLAY_WINDOW_ENV, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return REPLAY_WINDOW
+    return value if 0 < value <= REPLAY_WINDOW else REPLAY_WINDOW
 
 
 class Offer(object):
-    """An authenticated OFFER that answers one of our DISCOVERs."""
+    """An authenticated OFFER that answers one of our DISCOVERs.
 
-    __slots__ = ("message", "address", "ifindex", "port")
+    ``server_nonce`` is its challenge; ``session_nonce`` is set once the
+    server accepted our SESSION_REQUEST (a server or standalone OFFER is
+    usable for HTTP and NBD only then).
+    """
 
-    def __init__(self, message, address, ifindex, port):
+    __slots__ = ("message", "address", "ifindex", "port", "session_nonce")
+
+    def __init__(self, message, address, ifindex, port, session_nonce=None):
         self.message = message
         self.address = address  # fe80::... without scope
         self.ifindex = ifindex
         self.port = port
+        self.session_nonce = session_nonce
 
     @property
     def role(self):
@@ -67,7 +91,7 @@ def split_address(addr):
 
 
 class ClientDiscovery(object):
-    """Client side: makes DISCOVERs and vets OFFERs and KEXEC_ACKs."""
+    """Client side: makes DISCOVERs and SESSION_REQUESTs, vets OFFERs, SESSION_ACCEPTs and KEXEC_ACKs."""
 
     def __init__(self, key, capacity=256, ttl=60.0, clock=time.monotonic):
         self.key = key
@@ -77,6 +101,7 @@ class ClientDiscovery(object):
         self._sent = collections.OrderedDict()  # client nonce -> (ifindex, sent at)
         self._offers_seen = messages.ReplayWindow(capacity=1024, ttl=600.0, clock=clock)
         self._kexec_sent = collections.OrderedDict()  # (client nonce, server nonce) -> sent at
+        self._session_sent = collections.OrderedDict()  # (client nonce, challenge) -> (offer, sent at)
 
     def _expire(self):
         now = self._clock()
@@ -96,9 +121,25 @@ class ClientDiscovery(object):
     def handle(self, data, address, ifindex, port=PORT):
         """Vet a datagram; return an :class:`Offer` or the parsed KEXEC_ACK message.
 
-        Raises ProtocolError (with the reason) for anything else.
+        An OFFER of ours is returned without a session; a SESSION_ACCEPT is
+        returned as its OFFER with ``session_nonce`` set. Raises
+        ProtocolError (with the reason) for anything else.
         """
-        msg = messages.parse(self.key, data, expect=(messages.OFFER, messages.KEXEC_ACK))
+        msg = messages.parse(self.key, data, expect=(messages.OFFER, messages.KEXEC_ACK, messages.SESSION_ACCEPT))
+        if msg.type == messages.SESSION_ACCEPT:
+            pair = (msg.client_nonce, msg.server_nonce)
+            entry = self._session_sent.get(pair)
+            if entry is None:
+                raise ReplayedMessage("SESSION_ACCEPT for a request we did not send (or already accepted)")
+            offer, sent_at = entry
+            if ifindex and offer.ifindex != ifindex:
+                raise MalformedMessage("SESSION_ACCEPT arrived on interface %s, its request went out on %s" % (
+                    ifindex, offer.ifindex))
+            del self._session_sent[pair]
+            if self._clock() - sent_at > self.ttl:
+                raise ReplayedMessage("SESSION_ACCEPT arrived after %ss" % self.ttl)
+            self._offers_seen.check(msg.session_nonce)
+            return Offer(offer.message, offer.address, offer.ifindex, offer.port, session_nonce=msg.session_nonce)
         if msg.type == messages.KEXEC_ACK:
             pair = (msg.client_nonce, msg.server_nonce)
             if self._kexec_sent.pop(pair, None) is None:
@@ -122,32 +163,43 @@ class ClientDiscovery(object):
             self._kexec_sent.popitem(last=False)
         return messages.build_kexec_request(self.key, offer.client_nonce, offer.server_nonce)
 
+    def session_request(self, offer):
+        """The SESSION_REQUEST answering a server OFFER's challenge (proves the key; the server opens a session)."""
+        self._session_sent[(offer.client_nonce, offer.server_nonce)] = (offer, self._clock())
+        while len(self._session_sent) > self.capacity:
+            self._session_sent.popitem(last=False)
+        return messages.build_session_request(self.key, offer.client_nonce, offer.server_nonce)
+
 
 class SessionBook(object):
-    """Server nonces issued in OFFERs, each usable a few times within ``ttl`` (payload fetch retries)."""
+    """Sessions opened for clients that proved the key (SESSION_REQUEST), each usable a few times within ``ttl``
+    (payload fetch retries), from the address that proved it when one is given."""
 
     def __init__(self, capacity=256, ttl=300.0, uses=4, clock=time.monotonic):
         self.capacity = capacity
         self.ttl = ttl
         self.uses = uses
         self._clock = clock
-        self._open = collections.OrderedDict()  # server nonce -> [client nonce, issued at, uses left]
+        self._open = collections.OrderedDict()  # session nonce -> [client nonce, issued at, uses left, peer]
 
-    def issue(self, client_nonce):
+    def issue(self, client_nonce, peer=None):
         server_nonce = messages.new_nonce()
-        self._open[server_nonce] = [client_nonce, self._clock(), self.uses]
+        self._open[server_nonce] = [client_nonce, self._clock(), self.uses, peer]
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)
         return server_nonce
 
-    def check(self, client_nonce, server_nonce, consume=True):
-        """Raise ReplayedMessage unless the pair was issued, is fresh and has uses left."""
+    def check(self, client_nonce, server_nonce, consume=True, peer=None):
+        """Raise ReplayedMessage unless the pair was issued (to ``peer``), is fresh and has uses left."""
         entry = self._open.get(server_nonce)
         if entry is None:
             raise ReplayedMessage("unknown, expired or used-up session")
-        issued_to, issued_at, left = entry
+        issued_to, issued_at, left, owner = entry
         if not hmac.compare_digest(issued_to, client_nonce):
             raise ReplayedMessage("session was issued to another client nonce")
+        if owner is not None and peer is not None and owner != peer:
+            # the URL travels in clear: someone who read it off the link is not the client that proved the key
+            raise ReplayedMessage("session belongs to another address")
         if self._clock() - issued_at > self.ttl:
             del self._open[server_nonce]
             raise ReplayedMessage("session expired")
@@ -161,43 +213,56 @@ class SessionBook(object):
 
 
 class Responder(object):
-    """Answering side: DISCOVER -> OFFER; for autokexec also KEXEC_REQUEST -> KEXEC_ACK.
+    """Answering side: DISCOVER -> OFFER (a challenge, nothing else); the challenge answered with the key:
+    SESSION_REQUEST -> SESSION_ACCEPT (server: ``sessions`` given) or KEXEC_REQUEST -> KEXEC_ACK (autokexec).
 
     ``offer_fields()`` returns the keyword arguments of ``build_offer``
     besides nonces (role, ports, export name, flags), so the server can flag
-    a locked /boot. ``book`` hands out server nonces: a :class:`SessionBook`
-    (server) or a ``messages.ChallengeBook`` (autokexec, one answer each).
+    a locked /boot. ``challenges`` is a ``messages.ChallengeBook``: each
+    challenge is answerable once, within its ttl, for the client nonce it
+    was issued to, and forgotten on restart, so a recording of an earlier
+    exchange answers none. ``sessions`` (a :class:`SessionBook`) opens a
+    session with a new session nonce for every proven SESSION_REQUEST.
     """
 
-    def __init__(self, key, offer_fields, book=None, accept_kexec=False, clock=time.monotonic):
+    def __init__(self, key, offer_fields, sessions=None, accept_kexec=False, clock=time.monotonic,
+                 challenges=None, replay_window=None):
         self.key = key
         self.offer_fields = offer_fields
-        self.book = book if book is not None else SessionBook(clock=clock)
+        self.challenges = challenges if challenges is not None else messages.ChallengeBook(clock=clock)
+        self.sessions = sessions
         self.accept_kexec = accept_kexec
-        self._discovers = messages.ReplayWindow(capacity=4096, ttl=600.0, clock=clock)
-        self._requests = messages.ReplayWindow(capacity=4096, ttl=600.0, clock=clock)
+        ttl = replay_window_seconds() if replay_window is None else replay_window
+        self._discovers = messages.ReplayWindow(capacity=4096, ttl=ttl, clock=clock)
+        expect = [messages.DISCOVER]
+        if sessions is not None:
+            expect.append(messages.SESSION_REQUEST)
+        if accept_kexec:
+            expect.append(messages.KEXEC_REQUEST)
+        self._expect = tuple(expect)
 
-    def handle(self, data):
+    def handle(self, data, peer=None):
         """Return ``(reply_bytes, message)``; raise ProtocolError for anything to drop.
 
         For an accepted KEXEC_REQUEST the message's type is KEXEC_REQUEST:
-        the caller must act (kexec) after sending the ACK.
+        the caller must act (kexec) after sending the ACK. For an accepted
+        SESSION_REQUEST the message carries the new ``session_nonce``: the
+        caller installs the session's NBD PSK. A DISCOVER changes nothing
+        but the bounded challenge book.
         """
-        expect = (messages.DISCOVER, messages.KEXEC_REQUEST) if self.accept_kexec else (messages.DISCOVER,)
-        msg = messages.parse(self.key, data, expect=expect)
+        msg = messages.parse(self.key, data, expect=self._expect)
         if msg.type == messages.DISCOVER:
             self._discovers.check(msg.client_nonce)
-            server_nonce = self.book.issue(msg.client_nonce)
-            reply = messages.build_offer(self.key, msg.client_nonce, server_nonce, **self.offer_fields())
-            msg.server_nonce = server_nonce
+            challenge = self.challenges.issue(msg.client_nonce)
+            reply = messages.build_offer(self.key, msg.client_nonce, challenge, **self.offer_fields())
+            msg.server_nonce = challenge
             return reply, msg
-        # KEXEC_REQUEST: the challenge must be one we issued to this client nonce, answered once.
-        self._requests.check(msg.client_nonce + msg.server_nonce)
-        if hasattr(self.book, "redeem"):
-            self.book.redeem(msg.client_nonce, msg.server_nonce)
-        else:
-            self.book.check(msg.client_nonce, msg.server_nonce)
-        reply = messages.build_kexec_ack(self.key, msg.client_nonce, msg.server_nonce)
+        # the challenge must be one we issued to this client nonce, answered once, in time
+        self.challenges.redeem(msg.client_nonce, msg.server_nonce)
+        if msg.type == messages.KEXEC_REQUEST:
+            return messages.build_kexec_ack(self.key, msg.client_nonce, msg.server_nonce), msg
+        msg.session_nonce = self.sessions.issue(msg.client_nonce, peer)
+        reply = messages.build_session_accept(self.key, msg.client_nonce, msg.server_nonce, msg.session_nonce)
         return reply, msg
 
 

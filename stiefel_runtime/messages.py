@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: stiefel.system developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Discovery and autokexec datagrams (wire format v1), replay window, challenges.
+"""Discovery and autokexec datagrams (wire format v2), replay window, challenges.
 
 Layout of every datagram (big-endian)::
 
@@ -10,6 +10,10 @@ Layout of every datagram (big-endian)::
 The MAC covers everything before it and is keyed with the purpose's subkey
 (discovery or autokexec), so a message of one kind cannot be replayed as
 another and a MAC never reveals the key. See docs/protocol.md.
+
+Version 2 (issue 13): an OFFER carries only a challenge; the server opens a
+session (and its NBD PSK) only for a SESSION_REQUEST that answers a fresh
+challenge, so a recorded DISCOVER replayed later obtains nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
 )
 
 MAGIC = b"STFL"
-VERSION = 1
+# 2: OFFER holds a challenge, sessions need SESSION_REQUEST/SESSION_ACCEPT. v1 peers are refused by version.
+VERSION = 2
 DISCOVERY_PORT = 61570
 MAX_DATAGRAM = 512
 MAC_BYTES = 32
@@ -41,18 +46,23 @@ NONCE_BYTES = keyschedule.NONCE_BYTES
 HEADER = struct.Struct(">4sBB8s")
 MAX_EXPORT_NAME = 64
 
-# Message types. DISCOVER/OFFER use the discovery subkey, the KEXEC pair the
-# autokexec subkey.
+# Message types. DISCOVER, OFFER and the SESSION pair use the discovery
+# subkey, the KEXEC pair the autokexec subkey.
 DISCOVER = 1
 OFFER = 2
 KEXEC_REQUEST = 3
 KEXEC_ACK = 4
-TYPE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", KEXEC_REQUEST: "KEXEC_REQUEST", KEXEC_ACK: "KEXEC_ACK"}
+SESSION_REQUEST = 5
+SESSION_ACCEPT = 6
+TYPE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", KEXEC_REQUEST: "KEXEC_REQUEST", KEXEC_ACK: "KEXEC_ACK",
+              SESSION_REQUEST: "SESSION_REQUEST", SESSION_ACCEPT: "SESSION_ACCEPT"}
 _PURPOSE = {
     DISCOVER: keyschedule.DISCOVERY,
     OFFER: keyschedule.DISCOVERY,
     KEXEC_REQUEST: keyschedule.AUTOKEXEC,
     KEXEC_ACK: keyschedule.AUTOKEXEC,
+    SESSION_REQUEST: keyschedule.DISCOVERY,
+    SESSION_ACCEPT: keyschedule.DISCOVERY,
 }
 
 # OFFER roles: who answered.
@@ -66,18 +76,26 @@ KNOWN_FLAGS = FLAG_NEEDS_PASSPHRASE
 
 _OFFER_FIXED = struct.Struct(">16s16sBBHHB")  # client nonce, server nonce, role, flags, http, nbd, name length
 _NONCE_PAIR = struct.Struct(">16s16s")
+_NONCE_TRIPLE = struct.Struct(">16s16s16s")  # client nonce, challenge, session nonce
 
 
 class Message(object):
-    """A parsed, authenticated datagram."""
+    """A parsed, authenticated datagram.
 
-    __slots__ = ("type", "client_nonce", "server_nonce", "role", "flags", "http_port", "nbd_port", "export_name")
+    ``server_nonce`` is the server's challenge (OFFER, both request/answer
+    pairs); ``session_nonce`` only exists in SESSION_ACCEPT: the session's
+    keys, URLs and NBD PSK come from ``client_nonce`` and ``session_nonce``.
+    """
+
+    __slots__ = ("type", "client_nonce", "server_nonce", "session_nonce", "role", "flags", "http_port", "nbd_port",
+                 "export_name")
 
     def __init__(self, msg_type, client_nonce, server_nonce=None, role=None, flags=0,
-                 http_port=None, nbd_port=None, export_name=None):
+                 http_port=None, nbd_port=None, export_name=None, session_nonce=None):
         self.type = msg_type
         self.client_nonce = client_nonce
         self.server_nonce = server_nonce
+        self.session_nonce = session_nonce
         self.role = role
         self.flags = flags
         self.http_port = http_port
@@ -150,12 +168,26 @@ def build_kexec_ack(key: bytes, client_nonce: bytes, server_nonce: bytes) -> byt
     return _seal(key, KEXEC_ACK, _NONCE_PAIR.pack(bytes(client_nonce), bytes(server_nonce)))
 
 
+def build_session_request(key: bytes, client_nonce: bytes, challenge: bytes) -> bytes:
+    """The client's proof of the key over the server's fresh challenge (from an OFFER)."""
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("challenge", challenge)
+    return _seal(key, SESSION_REQUEST, _NONCE_PAIR.pack(bytes(client_nonce), bytes(challenge)))
+
+
+def build_session_accept(key: bytes, client_nonce: bytes, challenge: bytes, session_nonce: bytes) -> bytes:
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("challenge", challenge)
+    _check_nonce("session nonce", session_nonce)
+    return _seal(key, SESSION_ACCEPT, _NONCE_TRIPLE.pack(bytes(client_nonce), bytes(challenge), bytes(session_nonce)))
+
+
 def parse(key: bytes, data: bytes, expect=None) -> Message:
     """Authenticate and parse a datagram.
 
     ``expect`` is an iterable of acceptable types; others are rejected before
     their body is looked at. Raises a ProtocolError subclass for anything
-    that is not an authentic v1 message made with ``key``.
+    that is not an authentic message of this version made with ``key``.
     """
     if not isinstance(data, (bytes, bytearray)):
         raise MalformedMessage("datagram must be bytes")
@@ -168,7 +200,8 @@ def parse(key: bytes, data: bytes, expect=None) -> Message:
     if magic != MAGIC:
         raise MalformedMessage("not a stiefel datagram (bad magic)")
     if version != VERSION:
-        raise UnsupportedVersion("protocol version %d, this side speaks %d" % (version, VERSION))
+        # checked before the key: a peer left on another version is told so, not "wrong key"
+        raise UnsupportedVersion("protocol version %d, this side speaks %d (update the other side)" % (version, VERSION))
     if msg_type not in _PURPOSE:
         raise MalformedMessage("unknown message type %d" % msg_type)
     if expect is not None and msg_type not in expect:
@@ -183,7 +216,12 @@ def parse(key: bytes, data: bytes, expect=None) -> Message:
         if len(body) != NONCE_BYTES:
             raise MalformedMessage("DISCOVER body must be %d bytes" % NONCE_BYTES)
         return Message(DISCOVER, body)
-    if msg_type in (KEXEC_REQUEST, KEXEC_ACK):
+    if msg_type == SESSION_ACCEPT:
+        if len(body) != _NONCE_TRIPLE.size:
+            raise MalformedMessage("SESSION_ACCEPT body must be %d bytes" % _NONCE_TRIPLE.size)
+        client_nonce, challenge, session_nonce = _NONCE_TRIPLE.unpack(body)
+        return Message(SESSION_ACCEPT, client_nonce, challenge, session_nonce=session_nonce)
+    if msg_type in (KEXEC_REQUEST, KEXEC_ACK, SESSION_REQUEST):
         if len(body) != _NONCE_PAIR.size:
             raise MalformedMessage("%s body must be %d bytes" % (TYPE_NAMES[msg_type], _NONCE_PAIR.size))
         client_nonce, server_nonce = _NONCE_PAIR.unpack(body)

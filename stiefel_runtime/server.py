@@ -21,7 +21,6 @@ Pieces, each usable alone (unit tests drive them without sockets):
 from __future__ import annotations
 
 import argparse
-import http.server
 import os
 import re
 import secrets
@@ -35,7 +34,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ServerError, StiefelError
-from stiefel_runtime import discovery, messages, payload, server_config
+from stiefel_runtime import discovery, httpserve, messages, payload, server_config
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
@@ -70,7 +69,7 @@ class ServerState(object):
         self.log = log
         self.lock = threading.Lock()
         self.sessions = discovery.SessionBook(clock=clock)
-        self.responder = discovery.Responder(key, self.offer_fields, book=self.sessions, clock=clock)
+        self.responder = discovery.Responder(key, self.offer_fields, sessions=self.sessions, clock=clock)
         self.psk_path = os.path.join(run_dir, "nbd.psk")
         self.payload_count = 0
         self.payload_bytes = 0
@@ -87,14 +86,28 @@ class ServerState(object):
             "flags": messages.FLAG_NEEDS_PASSPHRASE if self.locked else 0,
         }
 
-    def answer(self, data):
-        """A datagram from the discovery socket -> the OFFER to send (raises ProtocolError to drop)."""
+    def answer(self, data, peer=None):
+        """A datagram from the discovery socket (sent by ``peer``) -> the reply (raises ProtocolError to drop).
+
+        Only a SESSION_REQUEST answering a fresh challenge opens a session and replaces the NBD PSK: whoever
+        revokes the PSK a client holds has proven the key just now (a recorded exchange proves nothing).
+        """
         with self.lock:
-            reply, _msg = self.responder.handle(data)
+            reply, msg = self.responder.handle(data, peer)
+            if msg.type == messages.SESSION_REQUEST:
+                line = keyschedule.nbd_psk_line(self.key, msg.client_nonce, msg.session_nonce) + "\n"
+                nbd_export.atomic_write(self.psk_path, line, 0o600)
+                if peer is not None:
+                    self.clients[peer] = "session opened, NBD session key ready"
+                self.log("client %s: proved the key, session opened; the NBD PSK is now this session's" % (
+                    peer or "?"))
         return reply
 
-    def route(self, method, path):
-        """``(status, reason, client_nonce, server_nonce, kind)`` for a request (no side effects but session use)."""
+    def route(self, method, path, peer=None):
+        """``(status, reason, client_nonce, session_nonce, kind)`` for a request (no side effects but session use).
+
+        The nonces are those of a session opened by SESSION_REQUEST (bound to ``peer`` when given).
+        """
         if method == "GET":
             match = _PAYLOAD_PATH.match(path)
             kind = "payload"
@@ -115,15 +128,13 @@ class ServerState(object):
             if kind == "payload" and self.source is None:
                 return 503, "the laptop's /boot is not readable", client_nonce, server_nonce, kind
             try:
-                self.sessions.check(client_nonce, server_nonce)
+                self.sessions.check(client_nonce, server_nonce, peer=peer)
             except ProtocolError as exc:
                 return 403, str(exc), client_nonce, server_nonce, kind
         return 200, "ok", client_nonce, server_nonce, kind
 
-    def session_started(self, client, client_nonce, server_nonce):
-        """The client fetched a payload: the NBD export now accepts this session's PSK."""
-        line = keyschedule.nbd_psk_line(self.key, client_nonce, server_nonce) + "\n"
-        nbd_export.atomic_write(self.psk_path, line, 0o600)
+    def session_started(self, client, client_nonce, server_nonce):  # pylint: disable=unused-argument
+        """The client of a proven session fetches its payload (the PSK was installed when the session opened)."""
         with self.lock:
             self.clients[client] = "fetching payload"
 
@@ -142,7 +153,7 @@ def write_placeholder_psk(path):
 def make_handler(state: ServerState, console):
     """The request handler class bound to ``state``."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(httpserve.PrefetchedRequestHandler):
         server_version = "stiefel-server"
         sys_version = ""
         protocol_version = "HTTP/1.0"
@@ -177,7 +188,8 @@ def make_handler(state: ServerState, console):
             self._refuse(405, "method not allowed")
 
         def _dispatch(self):
-            status, reason, client_nonce, server_nonce, kind = state.route(self.command, self.path)
+            status, reason, client_nonce, server_nonce, kind = state.route(self.command, self.path,
+                                                                           self.client_address[0].split("%", 1)[0])
             if status != 200:
                 self._refuse(status, reason)
                 return
@@ -239,17 +251,39 @@ def make_handler(state: ServerState, console):
             self.end_headers()
             self.wfile.write(body)
 
+    Handler.console = console
     return Handler
 
 
-class DualStackServer(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-    allow_reuse_address = True
+class DualStackServer(httpserve.BoundedHTTPServer):
+    """The payload port (:class:`~stiefel_runtime.httpserve.BoundedHTTPServer`), its refusals on the console.
 
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
+    The agent adds a listener per link in use; given ``address`` (``(host, port)``: tests, tools) it
+    listens there at once and ``server_address`` is ``(host, bound port)``.
+    """
+
+    def __init__(self, address=None, handler_class=None, console=None, limits=None):
+        if console is None:
+            console = getattr(handler_class, "console", None)  # make_handler's
+        super().__init__(handler_class, limits=limits, log_drop=console.drop if console is not None else None,
+                         log=console if console is not None else quiet_log)
+        self.server_address = None
+        if address is not None:
+            self.server_address = (address[0], self.listen("address", address[0], address[1]))
+
+
+def listening_socket(host, port, scope_id, backlog=128):
+    """A TCP socket listening on ``[host%scope_id]:port`` only (IPv6, for nbdkit's socket activation)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port, 0, scope_id))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 # ------------------------------------------------------------------ the agent
@@ -288,6 +322,10 @@ class ServerAgent(object):
         self._stop = False
         self._last_power = (0, "")
         self._nbd_peers = set()
+        self._nbd_disk = None  # the resolved disk, once start_nbd has checked it
+        self._nbd_keys = None  # the (ifindex, address) pairs nbdkit listens on
+        self._nbd_deferred = False
+        self._listen_failed = set()
 
     # -- /boot
     def _mount_point(self):
@@ -350,27 +388,133 @@ class ServerAgent(object):
 
     # -- NBD
     def start_nbd(self):
+        """Check the disk and make this run's PSK; nbdkit starts once a link in use has its address."""
         if not self.disk:
             self.console("no stiefel.disk= given: not serving a disk over NBD")
             return
         disk = resolve_device(self.disk, log=self.console)
-        if not os.path.exists(self.state.psk_path):
-            write_placeholder_psk(self.state.psk_path)
-        prio = nbd_export.write_gnutls_priority_file(os.path.join(self.run_dir, "nbd-gnutls.conf"))
-        settings = nbd_export.ExportSettings(path=disk, name=self.state.export_name, port=self.state.nbd_port,
-                                             tls_psk_file=self.state.psk_path)
-        self.nbd = nbd_export.spawn_foreground(settings, prio, stdin=subprocess.DEVNULL)
-        self.console("serving %s (%.1f GB) over NBD port %d, export %r, TLS-PSK AES-GCM, flush+FUA (nbdkit pid %d)" % (
-            disk, nbd_export.source_size(disk) / 1e9, self.state.nbd_port, self.state.export_name, self.nbd.pid))
+        # Always a fresh one: a run directory that is not tmpfs still holds the last run's session PSK.
+        write_placeholder_psk(self.state.psk_path)
+        self._nbd_disk = disk
+        self._sync_nbd(self._wanted_listeners())
+
+    def _spawn_nbd(self, wanted):
+        """nbdkit on sockets bound to the link-local address of each link in use (socket activation)."""
+        socks, where = [], []
+        for index, address in sorted(wanted):
+            try:
+                socks.append(listening_socket(address, self.state.nbd_port, index))
+                where.append("[%s%%%s]:%d" % (address, wanted[(index, address)], self.state.nbd_port))
+            except OSError as exc:
+                if ("nbd", index, address) not in self._listen_failed:
+                    self._listen_failed.add(("nbd", index, address))
+                    self.console("cannot listen for NBD on %s%%%s: %s" % (address, wanted[(index, address)], exc))
+        if not socks:
+            return
+        try:
+            prio = nbd_export.write_gnutls_priority_file(os.path.join(self.run_dir, "nbd-gnutls.conf"))
+            settings = nbd_export.ExportSettings(path=self._nbd_disk, name=self.state.export_name,
+                                                 port=self.state.nbd_port, tls_psk_file=self.state.psk_path)
+            self.nbd = nbd_export.spawn_foreground(settings, prio, listen_sockets=socks, log_attempts=True,
+                                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            for sock in socks:
+                sock.close()  # nbdkit has them now
+        self._nbd_keys = sorted(wanted)
+        self._nbd_deferred = False
+        threading.Thread(target=self._watch_nbd_log, args=(self.nbd.stderr,), name="nbdkit-log", daemon=True).start()
+        self.console("serving %s (%.1f GB) over NBD on %s, export %r, TLS-PSK AES-GCM, flush+FUA (nbdkit pid %d)" % (
+            self._nbd_disk, nbd_export.source_size(self._nbd_disk) / 1e9, ", ".join(where), self.state.export_name,
+            self.nbd.pid))
+
+    def _watch_nbd_log(self, stream):
+        """nbdkit's stderr: refused attempts become (rate-limited) drops, its other messages console lines."""
+        last = None
+        try:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                found = nbd_export.refused_attempt(line)
+                if found is not None:
+                    number, reason = found
+                    if number != last:  # a plaintext client is refused once per option it tries
+                        self.console.drop("nbd port %d" % self.state.nbd_port, "connection #%d: %s" % (number, reason))
+                        last = number
+                elif ": debug: " not in line and line.strip():
+                    self.console("nbdkit: %s" % line[:300])
+        except (OSError, ValueError):
+            pass
+        finally:
+            stream.close()
+
+    def _stop_nbd(self):
+        if self.nbd is not None:
+            nbd_export.stop_pid(self.nbd.pid)
+            self.nbd.wait()
+            self.nbd = None
+        self._nbd_keys = None
+
+    def _sync_nbd(self, wanted):
+        if self._nbd_disk is None or not wanted:
+            return
+        if self.nbd is not None and sorted(wanted) == self._nbd_keys:
+            return
+        if self.nbd is not None:
+            if tcp_peers(self.state.nbd_port):
+                if not self._nbd_deferred:
+                    self._nbd_deferred = True
+                    self.console("the links in use changed; nbdkit moves to them once no NBD client is attached")
+                return
+            self.console("the links in use changed: restarting nbdkit on them")
+            self._stop_nbd()
+        try:
+            self._spawn_nbd(wanted)
+        except (StiefelError, OSError) as exc:
+            self.console("cannot start nbdkit: %s" % exc)
+            if self.strict:
+                raise
 
     def _check_nbd(self):
         if self.nbd is not None and self.nbd.poll() is not None:
             self.console("nbdkit exited (rc=%s): restarting it" % self.nbd.returncode)
             self.nbd = None
+            self._nbd_keys = None
             try:
-                self.start_nbd()
+                self._sync_nbd(self._wanted_listeners())
             except (StiefelError, OSError) as exc:
                 self.console("cannot restart nbdkit: %s" % exc)
+
+    # -- where HTTP and NBD listen
+    def listen_filter(self):
+        """A predicate on links, or None: every link the ramdisk manages is one discovery answers on."""
+        return None
+
+    def _wanted_listeners(self):
+        """``{(ifindex, link-local address): ifname}`` of the links in use (ready and selected)."""
+        if self.links is None:
+            return {}
+        selected = self.listen_filter()
+        return {(link.index, link.link_local): link.ifname for link in self.links.ready_links()
+                if selected is None or selected(link)}
+
+    def sync_listeners(self):
+        """HTTP and NBD follow the links in use: bound to each one's link-local address, nothing else."""
+        wanted = self._wanted_listeners()
+        if self.http is not None:
+            have = set(self.http.listening())
+            for key in sorted(have - set(wanted)):
+                self.http.unlisten(key)
+                self.console("payload no longer on HTTP [%s%%%d]:%d (link gone)" % (key[1], key[0],
+                                                                                     self.state.http_port))
+            for key in sorted(set(wanted) - have):
+                try:
+                    self.http.listen(key, key[1], self.state.http_port, key[0])
+                except OSError as exc:
+                    if ("http",) + key not in self._listen_failed:
+                        self._listen_failed.add(("http",) + key)
+                        self.console("cannot listen for HTTP on %s%%%s: %s" % (key[1], wanted[key], exc))
+                    continue
+                self.console("payload on HTTP [%s%%%s]:%d" % (key[1], wanted[key], self.state.http_port))
+        self._sync_nbd(wanted)
 
     # -- status
     def status_line(self):
@@ -411,7 +555,7 @@ class ServerAgent(object):
     def handle_datagram(self, data, host, port, scope):
         source = "%s%%%s" % (host, scope)
         try:
-            reply = self.state.answer(data)
+            reply = self.state.answer(data, host)
         except ProtocolError as exc:
             self.console.drop(source, discovery.describe(exc))
             return
@@ -435,8 +579,11 @@ class ServerAgent(object):
                 self.close()
                 raise
             self.console("cannot serve the disk: %s" % exc)
-        self.http = DualStackServer(("::", self.state.http_port), make_handler(self.state, self.console))
+        limits = httpserve.Limits.for_fd_limit(httpserve.raise_fd_limit())
+        self.http = DualStackServer(handler_class=make_handler(self.state, self.console), console=self.console,
+                                    limits=limits)
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        self.sync_listeners()
         self.sock = discovery.open_listen_socket(self.discovery_port)
         self.console.marker("ready")
         self.console("answering discovery on UDP %d, payload on HTTP %d, key id %s" % (
@@ -460,6 +607,8 @@ class ServerAgent(object):
                 readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], timeout)
                 if self.links.fileno() in readable:
                     self.links.process()
+                    self.sync_listeners()  # before any datagram: an OFFER names ports that must be listening
+                self.console.tick()
                 if self.sock in readable:
                     for data, host, port, scope in discovery.drain(self.sock, self.console.drop):
                         self.handle_datagram(data, host, port, scope)
@@ -474,10 +623,7 @@ class ServerAgent(object):
             self.http.shutdown()
             self.http.server_close()
             self.http = None
-        if self.nbd is not None:
-            nbd_export.stop_pid(self.nbd.pid)
-            self.nbd.wait()
-            self.nbd = None
+        self._stop_nbd()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -526,6 +672,9 @@ class StandaloneServer(ServerAgent):
 
     def prepare_boot(self):
         """Done in :meth:`run` already, where a failure stops the server."""
+
+    def listen_filter(self):
+        return self.selected
 
     def start_nbd(self):
         self.check_disk()  # again: /boot was mounted in between, and time passed

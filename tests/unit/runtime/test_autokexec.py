@@ -90,6 +90,22 @@ def test_decider_triggers_once():
         decider.decide(request, 4)
 
 
+def test_recorded_request_replayed_after_a_restart_never_triggers():
+    """The laptop's service restarted: a recorded DISCOVER gets a new challenge, the recorded KEXEC_REQUEST
+    answers none; SESSION_REQUESTs (the server's) are not autokexec's business."""
+    decider = autokexec.Decider(KEY)
+    client, offer = _exchange(decider)
+    request = client.kexec_request(offer)
+    assert decider.decide(request, 4)[1]
+    restarted = autokexec.Decider(KEY)
+    reply, trigger = restarted.decide(client.discover(4), 4)
+    assert trigger is None and messages.parse(KEY, reply).server_nonce != offer.server_nonce
+    with pytest.raises(ReplayedMessage):
+        restarted.decide(request, 4)
+    with pytest.raises(ProtocolError):
+        restarted.decide(messages.build_session_request(KEY, offer.client_nonce, offer.server_nonce), 4)
+
+
 @given(st.lists(st.binary(max_size=600), max_size=8), st.data())
 @settings(max_examples=100)
 def test_hostile_and_replayed_never_trigger(junk, data):

@@ -60,7 +60,7 @@ def agent():
 def test_autokexec_offer_gets_a_kexec_request():
     a = agent()
     responder = discovery.Responder(KEY, lambda: {"role": messages.ROLE_AUTOKEXEC},
-                                    book=messages.ChallengeBook(), accept_kexec=True)
+                                    challenges=messages.ChallengeBook(), accept_kexec=True)
     offer, _ = responder.handle(a.disc.discover(5))
     assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
     (request, addr), = a.sock.sent
@@ -71,11 +71,35 @@ def test_autokexec_offer_gets_a_kexec_request():
     assert "rebooting into server mode" in a.console.stream.getvalue()
 
 
+def server_responder():
+    return discovery.Responder(KEY, lambda: {"role": messages.ROLE_SERVER, "http_port": 1},
+                               sessions=discovery.SessionBook())
+
+
+def test_server_offer_gets_one_session_request_at_a_time():
+    a = agent()
+    responder = server_responder()
+    first, _ = responder.handle(a.disc.discover(5))
+    second, _ = responder.handle(a.disc.discover(5))
+    assert a.handle_datagram(first, "fe80::2", 61570, 5) is None
+    (request, addr), = a.sock.sent
+    assert addr == ("fe80::2", 61570, 0, 5)
+    assert messages.parse(KEY, request).type == messages.SESSION_REQUEST
+    # a second OFFER (a re-sent DISCOVER's) is not answered: each session replaces the server's NBD PSK
+    assert a.handle_datagram(second, "fe80::2", 61570, 5) is None
+    assert len(a.sock.sent) == 1
+    accept, msg = responder.handle(request)
+    assert msg.session_nonce is not None and len(responder.sessions) == 1
+
+
 def test_server_offer_on_vanished_link_keeps_discovering():
     a = agent()
-    responder = discovery.Responder(KEY, lambda: {"role": messages.ROLE_SERVER, "http_port": 1})
+    responder = server_responder()
     offer, _ = responder.handle(a.disc.discover(5))
     assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
+    (request, _addr), = a.sock.sent
+    accept, _ = responder.handle(request)
+    assert a.handle_datagram(accept, "fe80::2", 61570, 5) is None
     assert "failed" in a.console.stream.getvalue()
 
 
@@ -108,7 +132,7 @@ def test_stop_before_kexec_needs_no_kexec(tmp_path, monkeypatch):
     a.links.links[5] = L()
     msg = messages.Message(messages.OFFER, messages.new_nonce(), messages.new_nonce(), messages.ROLE_SERVER,
                            0, 61571, 10809, "stiefel")
-    assert a.boot_from(discovery.Offer(msg, "fe80::9", 5, 61570)) == 0
+    assert a.boot_from(discovery.Offer(msg, "fe80::9", 5, 61570, session_nonce=messages.new_nonce())) == 0
     assert (tmp_path / "run" / "nbd-psk.cpio").stat().st_mode & 0o777 == 0o600
 
 
@@ -145,7 +169,7 @@ def stream_server():
 
 def _offer(port, cn, sn):
     msg = messages.Message(messages.OFFER, cn, sn, messages.ROLE_SERVER, 0, port, 10809, "stiefel")
-    return discovery.Offer(msg, "::1", 0, 61570)
+    return discovery.Offer(msg, "::1", 0, 61570, session_nonce=sn)
 
 
 def _genuine(tmp_path, cn, sn, key=KEY):

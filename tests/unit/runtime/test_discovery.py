@@ -10,6 +10,7 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     MalformedMessage,
     ProtocolError,
     ReplayedMessage,
+    UnsupportedVersion,
     WrongKey,
 )
 
@@ -29,12 +30,20 @@ def server_responder(clock=None):
     def fields():
         return {"role": messages.ROLE_SERVER, "http_port": 61571, "nbd_port": 10809, "export_name": "stiefel"}
 
-    return discovery.Responder(KEY, fields, clock=clock or Clock())
+    clock = clock or Clock()
+    return discovery.Responder(KEY, fields, sessions=discovery.SessionBook(clock=clock), clock=clock)
 
 
 def autokexec_responder(clock):
     return discovery.Responder(KEY, lambda: {"role": messages.ROLE_AUTOKEXEC},
-                               book=messages.ChallengeBook(clock=clock), accept_kexec=True, clock=clock)
+                               challenges=messages.ChallengeBook(clock=clock), accept_kexec=True, clock=clock)
+
+
+def open_session(client, server, ifindex=7, peer=None):
+    offer = client.handle(server.handle(client.discover(ifindex))[0], "fe80::1", ifindex)
+    accept, msg = server.handle(client.session_request(offer), peer)
+    assert msg.type == messages.SESSION_REQUEST
+    return offer, client.handle(accept, "fe80::1", ifindex)
 
 
 def test_full_exchange_with_server():
@@ -45,7 +54,75 @@ def test_full_exchange_with_server():
     offer = client.handle(offer_bytes, "fe80::1", 7)
     assert isinstance(offer, discovery.Offer)
     assert offer.role == messages.ROLE_SERVER and offer.message.http_port == 61571
-    server.book.check(offer.client_nonce, offer.server_nonce)  # the session is open for the payload
+    assert offer.session_nonce is None and len(server.sessions) == 0  # an OFFER opens nothing
+    accept_bytes, msg = server.handle(client.session_request(offer))
+    assert msg.type == messages.SESSION_REQUEST and len(server.sessions) == 1
+    accepted = client.handle(accept_bytes, "fe80::1", 7)
+    assert accepted.session_nonce == msg.session_nonce != offer.server_nonce
+    server.sessions.check(accepted.client_nonce, accepted.session_nonce)  # the session is open for the payload
+    with pytest.raises(ReplayedMessage):
+        server.sessions.check(offer.client_nonce, offer.server_nonce)  # the challenge is no session
+
+
+def test_recorded_exchange_replayed_after_restart_or_window_opens_no_session():
+    """Issue 13: a DISCOVER and SESSION_REQUEST recorded from the link, sent to a restarted server or after the
+    replay window, get a challenge nobody can answer without the key, and no session."""
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    server = server_responder(clock)
+    discover = client.discover(1)
+    offer = client.handle(server.handle(discover)[0], "fe80::1", 1)
+    request = client.session_request(offer)
+    server.handle(request)
+    assert len(server.sessions) == 1
+    with pytest.raises(ReplayedMessage):
+        server.handle(request)  # the same instance: the challenge was used
+    restarted = server_responder(clock)
+    for target, advance in ((restarted, 0), (server, discovery.REPLAY_WINDOW + 1)):
+        clock.now += advance
+        reply, _ = target.handle(discover)  # the replay window forgot it: a fresh challenge, nothing more
+        challenge = messages.parse(KEY, reply).server_nonce
+        assert challenge != offer.server_nonce
+        with pytest.raises(ReplayedMessage):
+            target.handle(request)
+    assert len(restarted.sessions) == 0 and len(server.sessions) == 1
+
+
+def test_session_accept_checks():
+    client = discovery.ClientDiscovery(KEY)
+    server = server_responder()
+    offer = client.handle(server.handle(client.discover(1))[0], "fe80::1", 1)
+    accept, _ = server.handle(client.session_request(offer))
+    stray = messages.build_session_accept(KEY, offer.client_nonce, messages.new_nonce(), messages.new_nonce())
+    with pytest.raises(ReplayedMessage):
+        client.handle(stray, "fe80::1", 1)  # answers no request of ours
+    with pytest.raises(MalformedMessage, match="interface"):
+        client.handle(accept, "fe80::1", 2)
+    assert client.handle(accept, "fe80::1", 1).session_nonce is not None
+    with pytest.raises(ReplayedMessage):
+        client.handle(accept, "fe80::1", 1)  # accepted once
+
+
+def test_sessions_bound_to_the_proving_peer():
+    client = discovery.ClientDiscovery(KEY)
+    server = server_responder()
+    _offer, accepted = open_session(client, server, peer="fe80::1")
+    with pytest.raises(ReplayedMessage, match="another address"):
+        server.sessions.check(accepted.client_nonce, accepted.session_nonce, peer="fe80::666")
+    server.sessions.check(accepted.client_nonce, accepted.session_nonce, peer="fe80::1")
+
+
+def test_old_version_refused_by_version():
+    v1 = bytearray(discovery.ClientDiscovery(KEY).discover(1))
+    v1[4] = 1
+    with pytest.raises(UnsupportedVersion, match="version 1, this side speaks 2"):
+        server_responder().handle(bytes(v1))
+
+
+@pytest.mark.parametrize("raw, expected", [("", 600.0), ("5", 5.0), ("0.5", 0.5), ("-1", 600.0), ("nan", 600.0),
+                                           ("1e9", 600.0), ("x", 600.0)])
+def test_replay_window_from_environment(raw, expected):
+    assert discovery.replay_window_seconds({discovery.REPLAY_WINDOW_ENV: raw}) == expected
 
 
 def test_replayed_discover_dropped_server_stays_usable():
@@ -90,10 +167,13 @@ def test_wrong_key_and_forgery():
         server.handle(bytes(good))
 
 
-def test_server_ignores_kexec_requests():
+def test_server_ignores_kexec_requests_and_autokexec_session_requests():
     server = server_responder()
     with pytest.raises(MalformedMessage):
         server.handle(messages.build_kexec_request(KEY, messages.new_nonce(), messages.new_nonce()))
+    with pytest.raises(MalformedMessage):
+        autokexec_responder(Clock()).handle(
+            messages.build_session_request(KEY, messages.new_nonce(), messages.new_nonce()))
 
 
 def test_autokexec_challenge_once():
@@ -163,6 +243,38 @@ def test_hostile_datagrams_to_every_handler(data):
     server = server_responder(clock)
     offer_bytes, _ = server.handle(client.discover(1))
     assert client.handle(offer_bytes, "fe80::1", 1).role == messages.ROLE_SERVER
+    assert open_session(client, server_responder(clock), 1)[1].session_nonce is not None
+
+
+def _mutate(data, original):
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend"]))
+    if kind == "flip":
+        pos = data.draw(st.integers(min_value=0, max_value=len(original) - 1))
+        bit = data.draw(st.integers(min_value=0, max_value=7))
+        mutated = bytearray(original)
+        mutated[pos] ^= 1 << bit
+        return bytes(mutated)
+    if kind == "truncate":
+        return original[:data.draw(st.integers(min_value=0, max_value=len(original) - 1))]
+    return original + data.draw(st.binary(min_size=1, max_size=600))
+
+
+@given(st.data())
+def test_mutated_session_exchange_is_dropped(data):
+    """Every mutation of a genuine SESSION_REQUEST (server) or SESSION_ACCEPT (client) is dropped, and neither
+    side is left with a session; the genuine datagram still works once afterwards."""
+    clock = Clock()
+    client = discovery.ClientDiscovery(KEY, clock=clock)
+    server = server_responder(clock)
+    offer = client.handle(server.handle(client.discover(1))[0], "fe80::1", 1)
+    request = client.session_request(offer)
+    with pytest.raises(ProtocolError):
+        server.handle(_mutate(data, request))
+    assert len(server.sessions) == 0
+    accept, _ = server.handle(request)
+    with pytest.raises(ProtocolError):
+        client.handle(_mutate(data, accept), "fe80::1", 1)
+    assert client.handle(accept, "fe80::1", 1).session_nonce is not None
 
 
 @given(st.data())

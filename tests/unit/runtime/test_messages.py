@@ -19,6 +19,7 @@ KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
 CN = b"c" * 16
 SN = b"s" * 16
+SS = b"S" * 16  # a session nonce
 
 
 def all_messages(key=KEY):
@@ -28,17 +29,21 @@ def all_messages(key=KEY):
         m.build_offer(key, CN, SN, m.ROLE_AUTOKEXEC),
         m.build_kexec_request(key, CN, SN),
         m.build_kexec_ack(key, CN, SN),
+        m.build_session_request(key, CN, SN),
+        m.build_session_accept(key, CN, SN, SS),
     ]
 
 
 def test_roundtrip():
-    disc, offer, challenge, req, ack = (m.parse(KEY, d) for d in all_messages())
+    disc, offer, challenge, req, ack, sreq, sacc = (m.parse(KEY, d) for d in all_messages())
     assert disc.type == m.DISCOVER and disc.client_nonce == CN
     assert offer.type == m.OFFER and offer.role == m.ROLE_SERVER and offer.needs_passphrase
     assert (offer.http_port, offer.nbd_port, offer.export_name, offer.server_nonce) == (8080, 10809, "stiefel", SN)
     assert challenge.role == m.ROLE_AUTOKEXEC and not challenge.needs_passphrase
     assert req.type == m.KEXEC_REQUEST and (req.client_nonce, req.server_nonce) == (CN, SN)
     assert ack.type == m.KEXEC_ACK
+    assert sreq.type == m.SESSION_REQUEST and (sreq.client_nonce, sreq.server_nonce, sreq.session_nonce) == (CN, SN, None)
+    assert sacc.type == m.SESSION_ACCEPT and (sacc.client_nonce, sacc.server_nonce, sacc.session_nonce) == (CN, SN, SS)
 
 
 @pytest.mark.parametrize("data", all_messages(OTHER))
@@ -47,7 +52,7 @@ def test_wrong_key_is_rejected(data):
         m.parse(KEY, data)
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(len(all_messages())))
 def test_every_bit_flip_is_rejected(index):
     data = all_messages()[index]
     for pos in range(len(data)):
@@ -66,11 +71,29 @@ def test_type_confusion_is_rejected():
         m.parse(KEY, bytes(data))
     with pytest.raises(MalformedMessage, match="unexpected"):
         m.parse(KEY, m.build_discover(KEY, CN), expect=(m.KEXEC_REQUEST,))
+    # a KEXEC_REQUEST (autokexec subkey) re-labelled as SESSION_REQUEST (discovery subkey), and back
+    data = bytearray(m.build_kexec_request(KEY, CN, SN))
+    data[5] = m.SESSION_REQUEST
+    with pytest.raises(AuthenticationFailed):
+        m.parse(KEY, bytes(data))
+    data = bytearray(m.build_session_request(KEY, CN, SN))
+    data[5] = m.KEXEC_REQUEST
+    with pytest.raises(AuthenticationFailed):
+        m.parse(KEY, bytes(data))
+
+
+@pytest.mark.parametrize("index", range(len(all_messages())))
+def test_version_1_datagrams_are_refused_by_version(index):
+    """A v1 peer (OFFER opened sessions) is told so before anything else is looked at."""
+    data = bytearray(all_messages()[index])
+    data[4] = 1
+    with pytest.raises(UnsupportedVersion, match="protocol version 1, this side speaks 2"):
+        m.parse(KEY, bytes(data))
 
 
 def test_version_and_truncation_and_size():
     data = bytearray(m.build_discover(KEY, CN))
-    data[4] = 2
+    data[4] = 3
     with pytest.raises(UnsupportedVersion):
         m.parse(KEY, bytes(data))
     with pytest.raises(TruncatedMessage):
@@ -87,7 +110,7 @@ def test_random_bytes_raise_protocol_errors_only(data):
         m.parse(KEY, data)
 
 
-@given(st.integers(0, 4), st.data())
+@given(st.integers(0, len(all_messages()) - 1), st.data())
 def test_truncations_and_extensions(index, data):
     msg = all_messages()[index]
     cut = data.draw(st.integers(0, len(msg) - 1))

@@ -146,28 +146,29 @@ def state_with_source(tmp_path, locked=False):
 
 
 def open_session(state):
+    """DISCOVER -> OFFER -> SESSION_REQUEST -> SESSION_ACCEPT: the accepted offer, its session nonce set."""
     client = discovery.ClientDiscovery(KEY)
     offer = client.handle(state.answer(client.discover(1)), "fe80::1", 1)
-    return offer
+    return client.handle(state.answer(client.session_request(offer)), "fe80::1", 1)
 
 
 def test_route_decisions(tmp_path):
     state = state_with_source(tmp_path)
     offer = open_session(state)
     assert not offer.message.needs_passphrase
-    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex())
     assert state.route("GET", path)[0] == 200
-    assert state.route("GET", "/payload/%s/%s" % ("00" * 16, offer.server_nonce.hex()))[0] == 403
+    assert state.route("GET", "/payload/%s/%s" % ("00" * 16, offer.session_nonce.hex()))[0] == 403
     assert state.route("GET", path.upper())[0] == 404
     assert state.route("DELETE", path)[0] == 405
-    assert state.route("POST", "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))[0] == 409
+    assert state.route("POST", "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex()))[0] == 409
 
 
 def test_locked_boot_flags_offer_and_refuses_payload(tmp_path):
     state = state_with_source(tmp_path, locked=True)
     offer = open_session(state)
     assert offer.message.needs_passphrase
-    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex())
     assert state.route("GET", path)[0] == 409
 
 
@@ -179,12 +180,15 @@ def test_random_paths_never_served(method, path):
     assert status in (403, 404, 405, 409, 503)
 
 
-def test_session_started_writes_psk(tmp_path):
+def test_proven_session_writes_psk_and_nothing_else_does(tmp_path):
     state = state_with_source(tmp_path)
-    offer = open_session(state)
-    state.session_started("fe80::1", offer.client_nonce, offer.server_nonce)
+    client = discovery.ClientDiscovery(KEY)
+    challenge = client.handle(state.answer(client.discover(1)), "fe80::1", 1)
+    assert not os.path.exists(state.psk_path)  # an OFFER (what a replayed DISCOVER gets) changes nothing
+    offer = client.handle(state.answer(client.session_request(challenge)), "fe80::1", 1)
+    state.session_started("fe80::1", offer.client_nonce, offer.session_nonce)
     text = open(state.psk_path).read()
-    assert text == keyschedule.nbd_psk_line(KEY, offer.client_nonce, offer.server_nonce) + "\n"
+    assert text == keyschedule.nbd_psk_line(KEY, offer.client_nonce, offer.session_nonce) + "\n"
     assert os.stat(state.psk_path).st_mode & 0o777 == 0o600
 
 
@@ -220,7 +224,7 @@ def request(port, method, path, body=None):
 def test_unlock_then_payload(http_server, tmp_path):
     state, port, console, unlocked = http_server
     offer = open_session(state)
-    cn, sn = offer.client_nonce, offer.server_nonce
+    cn, sn = offer.client_nonce, offer.session_nonce
     unlock_path = "/unlock/%s/%s" % (cn.hex(), sn.hex())
     # hostile bodies: dropped, server still usable
     assert request(port, "POST", unlock_path, b"x" * 10)[0] == 403
@@ -230,7 +234,7 @@ def test_unlock_then_payload(http_server, tmp_path):
     assert request(port, "POST", unlock_path, payload.seal_passphrase(KEY, cn, sn, b"correct horse"))[0] == 200
     assert unlocked == [b"correct horse"] and not state.locked
     offer = open_session(state)
-    status, body = request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))
+    status, body = request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex()))
     assert status == 200
     out = tmp_path / "recv"
     out.mkdir()
@@ -251,14 +255,14 @@ def test_unlock_that_cannot_run_is_refused_clearly(http_server):
 
     state.unlock = unlock
     offer = open_session(state)
-    path = "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
-    status, body = request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.server_nonce,
+    path = "/unlock/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex())
+    status, body = request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.session_nonce,
                                                                        b"correct horse"))
     assert status == 500 and b"cryptsetup" in body
     assert state.locked
     assert "unlock failed on the server" in console.stream.getvalue()
     # still serving: the next attempt gets an answer too
-    assert request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.server_nonce,
+    assert request(port, "POST", path, payload.seal_passphrase(KEY, offer.client_nonce, offer.session_nonce,
                                                                b"correct horse"))[0] == 500
 
 
@@ -266,7 +270,7 @@ def test_payload_replay_limit(http_server):
     state, port, _console, _unlocked = http_server
     state.locked = False
     offer = open_session(state)
-    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex())
+    path = "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex())
     for _ in range(4):
         assert request(port, "GET", path)[0] == 200
     assert request(port, "GET", path)[0] == 403
@@ -284,4 +288,4 @@ def test_malformed_http_is_logged_and_server_keeps_serving(http_server):
     assert console.stream.getvalue().count("dropped input from http") >= 2
     state.locked = False
     offer = open_session(state)
-    assert request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.server_nonce.hex()))[0] == 200
+    assert request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex()))[0] == 200
