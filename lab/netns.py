@@ -1,7 +1,11 @@
-"""A virtual cable: a network namespace holding a bridge and tap devices.
+"""Virtual cables in network namespaces.
+
+:class:`VirtualLink`: one namespace holding a bridge and tap devices (for
+QEMU VMs). :class:`Namespaces`: two namespaces joined by a veth pair (for
+agents run as host processes).
 
 Everything is created under names the lab chooses (``stf`` + a short
-suffix) and removed again by those names; nothing outside the namespace is
+suffix) and removed again by those names; nothing outside the namespaces is
 touched, so no traffic can leave this machine.
 """
 
@@ -11,9 +15,13 @@ import os
 import subprocess
 
 
+def run(*argv, check=True):
+    """Run a command, its output captured as text (``ip`` and friends)."""
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
+
+
 def _ip(*args, netns=None, check=True):
-    argv = ["ip"] + (["-n", netns] if netns else []) + list(args)
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
+    return run(*(["ip"] + (["-n", netns] if netns else []) + list(args)), check=check)
 
 
 class VirtualLink(object):
@@ -42,3 +50,35 @@ class VirtualLink(object):
     def destroy(self):
         if self.exists():
             subprocess.run(["ip", "netns", "del", self.netns], check=False)
+
+
+class Namespaces(object):
+    """Two namespaces ``stfs<pid>``/``stfc<pid>`` with a veth pair between them (links left down:
+    the agents bring them up themselves, as in the ramdisk)."""
+
+    def __init__(self):
+        pid = os.getpid() & 0xFFFFF
+        self.server = "stfs%x" % pid
+        self.client = "stfc%x" % pid
+        self.veth_s = "stfvs%x" % pid
+        self.veth_c = "stfvc%x" % pid
+
+    def create(self):
+        self.destroy()
+        run("ip", "netns", "add", self.server)
+        run("ip", "netns", "add", self.client)
+        run("ip", "link", "add", self.veth_s, "type", "veth", "peer", "name", self.veth_c)
+        run("ip", "link", "set", self.veth_s, "netns", self.server)
+        run("ip", "link", "set", self.veth_c, "netns", self.client)
+        for ns in (self.server, self.client):
+            _ip("link", "set", "lo", "up", netns=ns)
+        return self
+
+    def destroy(self):
+        for ns in (self.server, self.client):
+            run("ip", "netns", "del", ns, check=False)
+        run("ip", "link", "del", self.veth_s, check=False)
+
+    @staticmethod
+    def exec_argv(ns, *argv):
+        return ["ip", "netns", "exec", ns] + list(argv)

@@ -29,7 +29,10 @@ import tempfile
 import threading
 import time
 
+from lab import ansible_output
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_IMAGE = os.path.join(REPO, "playbooks", "build_image.yml")
 
 OVMF_CODE_CANDIDATES = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS_CANDIDATES = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
@@ -413,10 +416,18 @@ def ramdisk_listing(initrd):
 
 def _build_ramdisk(why):
     print("[qemu] ramdisk image %s: building it with playbooks/build_image.yml" % why, flush=True)
-    proc = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "playbooks/build_image.yml"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RamdiskUnavailable("cannot build the ramdisk image: %s" % (proc.stdout[-2000:] + proc.stderr[-2000:]))
+    run = ansible_output.run_playbook(BUILD_IMAGE)
+    if run.returncode != 0:
+        raise RamdiskUnavailable("cannot build the ramdisk image: %s" % (run.stdout[-2000:] + run.stderr[-2000:]))
+
+
+def build_image(*args, timeout=1800):
+    """Run playbooks/build_image.yml with ``args`` (a build, or the check that the cached one is up to date);
+    ``(changed, stdout, seconds)``. A failed run raises AssertionError with the end of its output."""
+    run = ansible_output.run_playbook(BUILD_IMAGE, *args, timeout=timeout)
+    print("ansible-playbook %s: rc=%d in %.1f s" % (" ".join(args), run.returncode, run.seconds))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    return run.changed("localhost"), run.stdout, run.seconds
 
 
 def ramdisk_files(require=()):

@@ -1,9 +1,9 @@
 """Shared pytest setup for stiefel.system.
 
-- Puts ``<repo>/collections`` first on ``sys.path`` so that
-  ``ansible_collections.stiefel.system...`` imports resolve to this checkout
-  (through the committed ``collections/ansible_collections/stiefel/system``
-  symlink to the repository root).
+- Imports need no setup here: pytest.ini's ``pythonpath`` puts
+  ``<repo>/collections`` first on ``sys.path`` (``ansible_collections.stiefel.system``
+  and ``stiefel_runtime`` resolve to this checkout through the committed
+  symlinks) and the repository root after it (``lab``).
 - Selects the hypothesis profile: ``ci`` (more examples, no deadline) when
   ``CI=true``, ``dev`` otherwise; ``HYPOTHESIS_PROFILE`` overrides.
 - Provides the ``cache_dir`` fixture (``$STIEFEL_CACHE_DIR`` or
@@ -14,17 +14,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COLLECTIONS_DIR = REPO_ROOT / "collections"
-
-if str(COLLECTIONS_DIR) in sys.path:
-    sys.path.remove(str(COLLECTIONS_DIR))
-sys.path.insert(0, str(COLLECTIONS_DIR))
 
 try:
     from hypothesis import HealthCheck, settings

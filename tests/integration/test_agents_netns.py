@@ -8,98 +8,24 @@ autokexec runs with ``--dry-run``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import textwrap
 import time
 
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
-from stiefel_runtime import messages
+from lab.agents import AGENTS, ENV, PYTHON, Agent
+from lab.agents import fake_boot as _fake_boot
+from lab.agents import run_client as _client
+from lab.agents import sha256_file as _sha
+from lab.agents import write_key as _write_key
+from lab.netns import run as _run
 
 pytestmark = pytest.mark.integration
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-AGENTS = os.path.join(REPO, "agents")
-# STIEFEL_AGENT_PYTHON=/usr/bin/python3 runs the agents with Debian 12's python3-pyroute2 0.7 and
-# python3-cryptography 38, as on the targets.
-PYTHON = os.environ.get("STIEFEL_AGENT_PYTHON") or sys.executable
-ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "collections"), PYTHONUNBUFFERED="1")
-
-
-def _run(*argv, check=True):
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
-
-
-class Namespaces(object):
-    """Two namespaces ``stfs<pid>``/``stfc<pid>`` with a veth pair between them (links left down:
-    the agents bring them up themselves, as in the ramdisk)."""
-
-    def __init__(self):
-        pid = os.getpid() & 0xFFFFF
-        self.server = "stfs%x" % pid
-        self.client = "stfc%x" % pid
-        self.veth_s = "stfvs%x" % pid
-        self.veth_c = "stfvc%x" % pid
-
-    def create(self):
-        self.destroy()
-        _run("ip", "netns", "add", self.server)
-        _run("ip", "netns", "add", self.client)
-        _run("ip", "link", "add", self.veth_s, "type", "veth", "peer", "name", self.veth_c)
-        _run("ip", "link", "set", self.veth_s, "netns", self.server)
-        _run("ip", "link", "set", self.veth_c, "netns", self.client)
-        for ns in (self.server, self.client):
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        return self
-
-    def destroy(self):
-        for ns in (self.server, self.client):
-            _run("ip", "netns", "del", ns, check=False)
-        _run("ip", "link", "del", self.veth_s, check=False)
-
-    def exec_argv(self, ns, *argv):
-        return ["ip", "netns", "exec", ns] + list(argv)
-
-
-class Agent(object):
-    """An agent process in a namespace, its output collected in a file."""
-
-    def __init__(self, ns, argv, log_path, netns=None):
-        self.log_path = log_path
-        self.log = open(log_path, "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(ns.exec_argv(netns or ns.server, *argv), stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
-
-    def text(self):
-        with open(self.log_path) as handle:
-            return handle.read()
-
-    def wait_for(self, marker, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.text():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError("%r not seen within %ss; output:\n%s" % (marker, timeout, self.text()))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()  # by PID
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
 
 NBD_PROBE = """
 import json, socket, nbd
@@ -132,65 +58,6 @@ for name, tls, psk in (("plaintext", False, None), ("wrong_psk", True, "%(psk)s.
         out[name] = "refused: %%s" %% exc
 print(json.dumps(out))
 """
-
-
-def _sha(path):
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
-@pytest.fixture
-def world():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    if not shutil.which("nbdkit"):
-        pytest.skip("needs nbdkit")
-    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True, check=False).returncode:
-        pytest.skip("needs python3-libnbd for /usr/bin/python3")
-    started = time.monotonic()
-    tmp = tempfile.mkdtemp(prefix="stf-agents-")
-    ns = Namespaces().create()
-    agents = []
-    try:
-        yield ns, tmp, agents
-    finally:
-        for agent in agents:
-            agent.stop()
-        ns.destroy()
-        shutil.rmtree(tmp, ignore_errors=True)
-        print("\n[test_agents_netns] took %.1f s" % (time.monotonic() - started))
-
-
-def _write_key(path, key):
-    keyfile.write_key_atomic(path, key)
-    return path
-
-
-def _fake_boot(tmp):
-    boot = os.path.join(tmp, "boot")
-    os.makedirs(os.path.join(boot, "stiefel"))
-    with open(os.path.join(boot, "vmlinuz-6.1.0-test"), "wb") as handle:
-        handle.write(os.urandom(3 * 1024 * 1024 + 17))
-    with open(os.path.join(boot, "initrd.img-6.1.0-test"), "wb") as handle:
-        handle.write(os.urandom(2 * 1024 * 1024 + 5))
-    config = {
-        "format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-6.1.0-test",
-        "initrd": ["initrd.img-6.1.0-test"], "cmdline": "root=UUID=1234-abcd ro quiet", "root": "UUID=1234-abcd",
-    }
-    with open(os.path.join(boot, "stiefel", "boot.json"), "w") as handle:
-        json.dump(config, handle)
-    return boot
-
-
-def _client(ns, tmp, key_path, name, timeout):
-    run_dir = os.path.join(tmp, name)
-    argv = ns.exec_argv(ns.client, PYTHON, os.path.join(AGENTS, "stiefel-client"), "--key", key_path,
-                        "--cmdline-file", "/dev/null", "--run-dir", run_dir, "--stop-before-kexec",
-                        "--timeout", str(timeout))
-    started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout + 30)
-    print("[%s] rc=%d in %.1f s\n%s" % (name, proc.returncode, time.monotonic() - started, proc.stdout[-3000:]))
-    return proc, run_dir
 
 
 def test_server_and_client(world):
@@ -296,6 +163,8 @@ def test_server_and_client(world):
 
 PROBE = """
 import json, os, socket, sys, time
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from stiefel_runtime import messages
 key = keyfile.read_key(sys.argv[1])
 wrong = keyfile.read_key(sys.argv[2])
 ifindex = socket.if_nametoindex(sys.argv[3])

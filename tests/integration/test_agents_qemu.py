@@ -12,51 +12,24 @@ network namespace of their own; QEMU is stopped by PID.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_image, ramdisk_files, ramdisk_with_key
 
-pytestmark = pytest.mark.integration
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_tree, ramdisk_files, ramdisk_with_key, vm_lab  # noqa: E402
+pytestmark = [pytest.mark.integration, pytest.mark.qemu_lab("agents-qemu")]
 
 
-def laptop_disk(workdir, kernel):
-    """An ext4 image holding a laptop /boot (kernel, marker initrd, boot config)."""
-    boot = laptop_boot_tree(workdir, kernel)
-    image = os.path.join(workdir, "laptop.img")
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "stiefel-test", "-d", boot, image, "96M"], check=True)
-    return image
-
-
-@pytest.fixture
-def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, taps)")
-    if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("needs qemu-system-x86_64")
-    with vm_lab("agents-qemu") as parts:
-        yield parts
-
-
-def test_client_kexecs_into_served_kernel(lab):
-    workdir, link, vms = lab
+def test_client_kexecs_into_served_kernel(qemu_lab):
+    workdir, link, vms = qemu_lab
     try:
         kernel, ramdisk = ramdisk_files()
     except RamdiskUnavailable as exc:
         pytest.skip(str(exc))
     initrd = ramdisk_with_key(workdir, ramdisk, keyfile.generate_key())
-    disk = laptop_disk(workdir, kernel)
+    disk = laptop_boot_image(workdir, kernel)
     t0 = time.monotonic()
     server = VM("server", workdir, memory=1024, netns=link.netns)
     server.disk(disk).nic(link.taps[0], "52:54:00:57:ef:01")

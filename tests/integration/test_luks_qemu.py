@@ -21,22 +21,15 @@ reencrypt --encrypt --reduce-device-size`` encrypts it in place.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_tree, ramdisk_files, ramdisk_with_key
 
-pytestmark = pytest.mark.integration
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_tree, ramdisk_files, ramdisk_with_key, vm_lab  # noqa: E402
+pytestmark = [pytest.mark.integration, pytest.mark.qemu_lab("luks-qemu", tools=("cryptsetup", "sfdisk"))]
 
 PASSPHRASE = "correct horse battery staple"
 WRONG = "Tr0ub4dor&3"
@@ -94,19 +87,8 @@ def laptop_disk(workdir, kernel, passphrase):
     return disk, uuid
 
 
-@pytest.fixture
-def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, taps)")
-    for tool in ("qemu-system-x86_64", "cryptsetup", "sfdisk"):
-        if not shutil.which(tool):
-            pytest.skip("needs %s" % tool)
-    with vm_lab("luks-qemu") as parts:
-        yield parts
-
-
-def test_client_unlocks_luks_boot_and_kexecs(lab):
-    workdir, link, vms = lab
+def test_client_unlocks_luks_boot_and_kexecs(qemu_lab):
+    workdir, link, vms = qemu_lab
     try:
         kernel, ramdisk = ramdisk_files(require=RAMDISK_NEEDS)
     except RamdiskUnavailable as exc:

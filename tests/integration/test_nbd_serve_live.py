@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne
+from lab import ansible_output
 
 pytestmark = [
     pytest.mark.integration,
@@ -62,18 +63,12 @@ def work(tmp_path):
 
 
 def ansible(args, check=False):
-    argv = [str(REPO / ".venv/bin/ansible"), "localhost", "-m", "stiefel.system.nbd_serve", "-a", json.dumps(args)]
+    argv = [ansible_output.ansible_bin("ansible"), "localhost", "-m", "stiefel.system.nbd_serve", "-a", json.dumps(args)]
     if check:
         argv.append("--check")
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    env = dict(os.environ, **ansible_output.NO_COLOR)
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env, check=False)
-    out = proc.stdout
-    marker = out.find("=> {")
-    assert marker >= 0, "unexpected ansible output:\n%s\n%s" % (out, proc.stderr)
-    result = json.loads(out[marker + 3:])
-    result["_rc"] = proc.returncode
-    result.setdefault("failed", "| FAILED!" in out[:marker])
-    return result
+    return ansible_output.module_result(proc.stdout, proc.returncode, proc.stderr)
 
 
 def nbdinfo(uri):

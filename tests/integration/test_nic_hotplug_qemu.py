@@ -21,39 +21,21 @@ two hot-adds do not interfere (the client's card arrives after the server's).
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 import time
 
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_image, ramdisk_files, ramdisk_with_key
 
-pytestmark = pytest.mark.integration
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from lab.qemu import VM, RamdiskUnavailable, Timeline, laptop_boot_image, ramdisk_files, ramdisk_with_key, vm_lab  # noqa: E402
+# "hp" in the namespace name keeps it apart from other runs' labs on this machine
+pytestmark = [pytest.mark.integration, pytest.mark.qemu_lab("hp-nic")]
 
 SERVER_MAC = "52:54:00:57:ef:21"
 CLIENT_MAC = "52:54:00:57:ef:22"
 PORT = "hp0"  # the empty root port of each VM
 APPEARED = r"link (\S+) appeared \(mac %s\)"
 READY = r"link %s ready at (fe80::\S+)"
-
-
-@pytest.fixture
-def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, taps)")
-    if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("needs qemu-system-x86_64")
-    # "hp" in the namespace name keeps it apart from other runs' labs on this machine
-    with vm_lab("hp-nic") as parts:
-        yield parts
 
 
 def nic_less_vm(name, workdir, netns, kernel, initrd, append):
@@ -76,8 +58,8 @@ def plug_and_see_link(timeline, vm, tap, mac):
     return ifname, address
 
 
-def test_nics_plugged_in_late_are_found(lab):
-    workdir, link, vms = lab
+def test_nics_plugged_in_late_are_found(qemu_lab):
+    workdir, link, vms = qemu_lab
     try:
         kernel, ramdisk = ramdisk_files()
     except RamdiskUnavailable as exc:

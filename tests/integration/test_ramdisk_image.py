@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import threading
 import time
@@ -21,50 +19,15 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb, runtime_manifest
+from lab.ansible_output import changed_tasks
+from lab.qemu import build_image as run_playbook
+from lab.qemu import cache_dir
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-PLAYBOOK = REPO / "playbooks" / "build_image.yml"
-ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
 BOOT_TIMEOUT = 240  # seconds; TCG boots the ramdisk to the agent in well under a minute
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("STIEFEL_CACHE_DIR")
-    return Path(env) if env else REPO / ".cache"
-
-
-OUT = _cache_dir() / "ramdisk"
-
-
-def run_playbook(*args, timeout=1800):
-    exe = str(ANSIBLE_PLAYBOOK) if ANSIBLE_PLAYBOOK.exists() else "ansible-playbook"
-    start = time.monotonic()
-    proc = subprocess.run([exe, str(PLAYBOOK), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    took = time.monotonic() - start
-    print("ansible-playbook %s: rc=%d in %.1f s" % (" ".join(args), proc.returncode, took))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    m = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)", proc.stdout)
-    assert m, proc.stdout[-2000:]
-    return int(m.group(2)), proc.stdout, took
-
-
-def changed_tasks(stdout):
-    return re.findall(r"TASK \[[^\]]*?: ([^\]]+)\][^\n]*\nchanged:", stdout)
-
-
-@pytest.fixture(scope="module")
-def built():
-    if os.geteuid() != 0:
-        pytest.skip("building the ramdisk needs root (mmdebstrap --mode=root)")
-    for tool in ("mmdebstrap", "cpio", "zstd", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.skip("%s is not installed" % tool)
-    changed, stdout, took = run_playbook()
-    print("build: changed=%d (%s)" % (changed, ", ".join(changed_tasks(stdout)) or "nothing rebuilt"))
-    manifest = json.loads((OUT / "manifest.json").read_text())
-    return manifest
+OUT = Path(cache_dir()) / "ramdisk"
 
 
 @pytest.fixture(scope="module")

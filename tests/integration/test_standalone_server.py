@@ -7,7 +7,8 @@ server and verifies the payload; the export is then read from the client's
 namespace with nbdinfo and nbdcopy through the same TLS-PSK proxy shape the
 laptop's NBD-root hook uses (nbdkit's nbd plugin on a socket bash opened to
 the scoped link-local address). Interfaces the config does not name stay as
-they were. The namespace plumbing and the fake /boot are test_agents_netns'.
+they were. The namespaces (the ``world`` fixture, tests/integration/conftest.py), the agent processes
+and the fake /boot are lab/netns.py's and lab/agents.py's, shared with test_agents_netns.
 
 Also here: the ``standalone_server`` role (playbooks/serve_standalone.yml) in
 check mode, for real and again on a throwaway overlay of this machine's
@@ -16,8 +17,6 @@ check mode, for real and again on a throwaway overlay of this machine's
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -31,37 +30,26 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, runtime_manifest
+from lab import ansible_output
+from lab.agents import AGENTS, ENV, PYTHON, Agent, fake_boot, run_client, write_key
+from lab.agents import sha256_file as _sha
+from lab.netns import run as _run
 from stiefel_runtime.server import PEERS_INTERVAL
 
 pytestmark = pytest.mark.integration
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-_spec = importlib.util.spec_from_file_location("_stiefel_agents_netns", os.path.join(HERE, "test_agents_netns.py"))
-netns = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(netns)
-world = netns.world  # the namespaces fixture, shared with the agents' own test
-
-AGENTS, PYTHON, ENV = netns.AGENTS, netns.PYTHON, netns.ENV
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DISK_SIZE = 64 * 1024 * 1024
-
-
-def _sha(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _link(ns, name):
     """``(state, mtu)`` of a link in a namespace (``ip -j``)."""
-    info = json.loads(netns._run("ip", "-j", "-n", ns, "link", "show", name).stdout)[0]
+    info = json.loads(_run("ip", "-j", "-n", ns, "link", "show", name).stdout)[0]
     return ("UP" if "UP" in info["flags"] else "DOWN"), info["mtu"]
 
 
 def _mac(ns, name):
-    return json.loads(netns._run("ip", "-j", "-n", ns, "link", "show", name).stdout)[0]["address"]
+    return json.loads(_run("ip", "-j", "-n", ns, "link", "show", name).stdout)[0]["address"]
 
 
 def _disk(tmp):
@@ -77,7 +65,7 @@ def _disk(tmp):
 
 def _pids(ns):
     """PIDs of every process in a namespace (``ip netns pids``)."""
-    return {int(p) for p in netns._run("ip", "netns", "pids", ns, check=False).stdout.split()}
+    return {int(p) for p in _run("ip", "netns", "pids", ns, check=False).stdout.split()}
 
 
 def _proc_name(pid):
@@ -124,16 +112,16 @@ def _standalone_config(tmp, key_path, boot, disk, interfaces, mtu=None):
 
 def test_standalone_server_serves_an_image_to_the_client(world):
     ns, tmp, agents = world
-    key_path = netns._write_key(os.path.join(tmp, "key"), keyfile.generate_key())
-    boot = netns._fake_boot(tmp)
+    key_path = write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    boot = fake_boot(tmp)
     disk = _disk(tmp)
     # A second link of the "laptop" that the config does not name: it must stay down at MTU 1500.
     other = "stfoa%x" % (os.getpid() & 0xFFFFF)  # no dummy module here: a veth pair inside the namespace
-    netns._run("ip", "-n", ns.server, "link", "add", other, "type", "veth", "peer", "name",
+    _run("ip", "-n", ns.server, "link", "add", other, "type", "veth", "peer", "name",
                "stfob%x" % (os.getpid() & 0xFFFFF))
     before = _link(ns.server, other)
     conf = _standalone_config(tmp, key_path, boot, disk, _mac(ns.server, ns.veth_s), mtu=9000)
-    server = netns.Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--config", conf,
+    server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--config", conf,
                               "--power-sysfs", os.path.join(tmp, "no-power")], os.path.join(tmp, "server.log"))
     agents.append(server)
     server.wait_for("stiefel-server: ready", 60)
@@ -141,7 +129,7 @@ def test_standalone_server_serves_an_image_to_the_client(world):
     assert _link(ns.server, ns.veth_s) == ("UP", 9000)
     assert _link(ns.server, other) == before == ("DOWN", 1500)
 
-    proc, run_dir = netns._client(ns, tmp, key_path, "client", 60)
+    proc, run_dir = run_client(ns, tmp, key_path, "client", 60)
     assert proc.returncode == 0, proc.stdout + proc.stderr + server.text()
     assert "stiefel-client: payload verified" in proc.stdout
     line = [l for l in proc.stdout.splitlines() if l.startswith("stiefel-client: manifest ")][0]
@@ -175,15 +163,15 @@ def test_standalone_server_serves_an_image_to_the_client(world):
 
 def test_stiefelctl_server_says_who_connected(world):
     ns, tmp, agents = world
-    key_path = netns._write_key(os.path.join(tmp, "key"), keyfile.generate_key())
-    boot = netns._fake_boot(tmp)
+    key_path = write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    boot = fake_boot(tmp)
     disk = _disk(tmp)
-    ctl = netns.Agent(ns, [sys.executable, os.path.join(REPO, "bin", "stiefelctl"), "server", "--disk", disk,
+    ctl = Agent(ns, [sys.executable, os.path.join(REPO, "bin", "stiefelctl"), "server", "--disk", disk,
                            "--boot-dir", boot, "--key", key_path, "--interface", ns.veth_s],
                       os.path.join(tmp, "stiefelctl.log"))
     agents.append(ctl)
     ctl.wait_for("stiefelctl: waiting for a client", 60)
-    proc, run_dir = netns._client(ns, tmp, key_path, "client", 60)
+    proc, run_dir = run_client(ns, tmp, key_path, "client", 60)
     assert proc.returncode == 0, proc.stdout + ctl.text()
     line = [l for l in proc.stdout.splitlines() if l.startswith("stiefel-client: manifest ")][0]
     manifest = json.loads(line[len("stiefel-client: manifest "):])
@@ -210,8 +198,8 @@ def test_the_running_systems_disk_is_refused(world):
     root = _root_device()
     if root is None:
         pytest.skip("/ is not on a block device here")
-    key_path = netns._write_key(os.path.join(tmp, "key"), keyfile.generate_key())
-    boot = netns._fake_boot(tmp)
+    key_path = write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    boot = fake_boot(tmp)
     before = _link(ns.server, ns.veth_s)
     proc = subprocess.run(ns.exec_argv(ns.server, PYTHON, os.path.join(AGENTS, "stiefel-server"), "--standalone",
                                        "--disk", root, "--boot-dir", boot, "--key", key_path, "--interface",
@@ -226,7 +214,7 @@ def test_the_running_systems_disk_is_refused(world):
 
 # --------------------------------------------------------------------------- the role and its unit
 
-ANSIBLE_PLAYBOOK = os.path.join(REPO, ".venv", "bin", "ansible-playbook")
+ANSIBLE_PLAYBOOK = ansible_output.ansible_bin("ansible-playbook")
 PLAYBOOK = os.path.join(REPO, "playbooks", "serve_standalone.yml")
 
 
@@ -266,23 +254,17 @@ def overlay_root():
 
 
 def _converge(root, *extra):
-    inventory = "%s," % root
-    argv = [ANSIBLE_PLAYBOOK, PLAYBOOK, "-i", inventory, "-c", "community.general.chroot",
-            "-e", "stiefel_hosts=%s" % root, "-e", "ansible_become=false",
-            "-e", "ansible_python_interpreter=/usr/bin/python3", "-e", "standalone_server_disk=/srv/desktop.img",
-            "-e", "standalone_server_boot_dir=/srv/boot", "-e", '{"standalone_server_interfaces": ["52:54:00:ab:cd:02"]}',
-            "-e", "standalone_server_mtu=9000", "-e", "standalone_server_install_packages=false"] + list(extra)
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    recap = re.search(r"ok=(\d+)\s+changed=(\d+)", proc.stdout)
-    print("serve_standalone.yml %s: changed=%s (%s)" % (" ".join(extra), recap.group(2), ", ".join(
-        sorted(set(_changed_tasks(proc.stdout))))))
-    return int(recap.group(2)), proc.stdout
-
-
-def _changed_tasks(out):
-    return re.findall(r"TASK \[[^\]]*?: ([^\]]+)\][^\n]*\n(?:changed|ok: \[[^\]]*\] => \(item=[^\n]*\n)*changed:", out)
+    run = ansible_output.run_playbook(
+        PLAYBOOK, "-i", "%s," % root, "-c", "community.general.chroot",
+        "-e", "stiefel_hosts=%s" % root, "-e", "ansible_become=false",
+        "-e", "ansible_python_interpreter=/usr/bin/python3", "-e", "standalone_server_disk=/srv/desktop.img",
+        "-e", "standalone_server_boot_dir=/srv/boot", "-e", '{"standalone_server_interfaces": ["52:54:00:ab:cd:02"]}',
+        "-e", "standalone_server_mtu=9000", "-e", "standalone_server_install_packages=false", *extra, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    changed = run.changed()
+    print("serve_standalone.yml %s: changed=%d (%s)" % (" ".join(extra), changed, ", ".join(
+        sorted(set(run.changed_tasks())))))
+    return changed, run.stdout
 
 
 def _tree(upper):
@@ -327,7 +309,7 @@ def test_role_check_mode_converge_idempotence_and_unit(overlay_root):
     assert changed == 0
     # A changed setting is one change (the config), the unit unchanged.
     changed, out = _converge(root, "-e", "standalone_server_export_name=desk")
-    assert _changed_tasks(out) == ["Write the standalone server config"]
+    assert ansible_output.changed_tasks(out) == ["Write the standalone server config"]
     assert changed == 1 and "export_name = desk" in open(conf).read()
 
     with open(unit) as handle:

@@ -4,8 +4,9 @@
   private mount and PID namespace (the documented stand-in for
   systemd-nspawn on a host without systemd): always with a small busybox
   ramdisk laid out like the real one (zstd newc cpio, zero padding,
-  manifest.json), and with the real ramdisk from test_ramdisk_image's
-  ``built`` fixture (the cached build; nothing is built twice).
+  manifest.json), and with the real ramdisk from the ``built`` fixture
+  (tests/integration/conftest.py, shared with test_ramdisk_image: the cached
+  build; nothing is built twice).
 * ``create-usbdrive`` writes the client stick into a new image file through
   flash_usb.yml; the stick's layout itself is test_usb_stick's subject, here:
   the files on the ESP are ours, a second run and ``--check`` change nothing.
@@ -16,8 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -28,23 +27,17 @@ import tempfile
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
+from lab.agents import sha256_file as _sha
+from lab.qemu import marker_initrd
 
 pytestmark = pytest.mark.integration
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CTL = os.path.join(REPO, "bin", "stiefelctl")
-sys.path.insert(0, REPO)
-
-from lab.qemu import marker_initrd  # noqa: E402
 
 if os.geteuid() != 0:
     pytest.skip("stiefelctl's test-nspawn, create-usbdrive and test-qemu need root", allow_module_level=True)
-
-_spec = importlib.util.spec_from_file_location("_stiefel_ramdisk_image", os.path.join(HERE, "test_ramdisk_image.py"))
-ramdisk_image = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ramdisk_image)
-built = ramdisk_image.built  # the cached ramdisk build, shared with test_ramdisk_image
 
 
 def ctl(*args, cache=None, timeout=900):
@@ -56,11 +49,6 @@ def ctl(*args, cache=None, timeout=900):
                           env=env, timeout=timeout, check=False)
     print("stiefelctl %s: rc=%d\n%s%s" % (" ".join(args), proc.returncode, proc.stdout[-3000:], proc.stderr[-2000:]))
     return proc
-
-
-def _sha(path):
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
 
 
 @pytest.fixture

@@ -31,12 +31,10 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from lab import ansible_output, laptop_disk
+from lab.qemu import VM, cache_dir, vm_lab
 
-from lab import laptop_disk  # noqa: E402  pylint: disable=wrong-import-position
-from lab.qemu import VM, cache_dir, vm_lab  # noqa: E402  pylint: disable=wrong-import-position
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TOOLS = ("qemu-system-x86_64", "mmdebstrap", "ssh", "ssh-keygen", "nbdinfo", "grub-install")
 pytestmark = [
@@ -84,8 +82,7 @@ class Lab(object):
         """A command on the host side of the cable (inside the namespace)."""
         return subprocess.run(["ip", "netns", "exec", self.link.netns] + list(argv), capture_output=True,
                               text=True, timeout=timeout, check=check, cwd=REPO,
-                              env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                                       ANSIBLE_HOST_KEY_CHECKING="False",
+                              env=dict(os.environ, ANSIBLE_HOST_KEY_CHECKING="False", **ansible_output.NO_COLOR,
                                        # one SSH round trip per task instead of several: every
                                        # python start in the TCG guest costs seconds
                                        ANSIBLE_PIPELINING="True"))
@@ -99,18 +96,12 @@ class Lab(object):
         return proc
 
     def module(self, args, check=False):
-        argv = [os.path.join(REPO, ".venv/bin/ansible"), "sdvm", "-i", self.inventory,
+        argv = [ansible_output.ansible_bin("ansible"), "sdvm", "-i", self.inventory,
                 "-m", "stiefel.system.nbd_serve", "-a", json.dumps(args)]
         if check:
             argv.append("--check")
         proc = self.host(*argv, timeout=300)
-        out = proc.stdout
-        marker = out.find("=> {")
-        assert marker >= 0, "unexpected ansible output:\n%s\n%s" % (out, proc.stderr)
-        result = json.loads(out[marker + 3:])
-        result["_rc"] = proc.returncode
-        result.setdefault("failed", "| FAILED!" in out[:marker])
-        return result
+        return ansible_output.module_result(proc.stdout, proc.returncode, proc.stderr)
 
     def unit(self, unit):
         """``(is-active, MainPID)`` of a unit in the VM."""
@@ -280,7 +271,7 @@ def test_standalone_server_unit_under_systemd(lab):
     boot = {"format": "stiefel-boot-config", "version": 1, "kernel": "vmlinuz-sd", "initrd": ["initrd.img-sd"],
             "cmdline": "root=UUID=1234-abcd ro quiet", "root": "UUID=1234-abcd"}
     lab.ssh("cat > /srv/sd-boot/stiefel/boot.json <<'EOF'\n%s\nEOF" % json.dumps(boot))
-    argv = [os.path.join(REPO, ".venv/bin/ansible-playbook"), "playbooks/serve_standalone.yml", "-i", lab.inventory,
+    argv = [ansible_output.ansible_bin("ansible-playbook"), "playbooks/serve_standalone.yml", "-i", lab.inventory,
             "-e", "stiefel_hosts=sdvm", "-e", "standalone_server_disk=/srv/sd-desktop.img",
             "-e", "standalone_server_boot_dir=/srv/sd-boot"]
     started = time.monotonic()

@@ -18,26 +18,24 @@ Run as root: .venv/bin/python -m pytest -m integration tests/integration/test_us
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "collections"))
-
-from ansible_collections.stiefel.system.plugins.module_utils import cpio  # noqa: E402
-from ansible_collections.stiefel.system.plugins.module_utils import blockdev  # noqa: E402
+from ansible_collections.stiefel.system.plugins.module_utils import blockdev, cpio
+from lab.agents import sha256_file as sha256_path
+from lab.ansible_output import recap_changed
 
 pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CACHE = os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
 USB_CACHE = os.path.join(CACHE, "usb")
@@ -55,14 +53,6 @@ if os.geteuid() != 0:
 
 
 # --------------------------------------------------------------------------- helpers
-def sha256_path(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def new_key():
     return ("stiefel-key-v1:%s\n" % secrets.token_hex(32)).encode()
 
@@ -150,14 +140,6 @@ def run_playbook(extra, check=False, expect_rc=0):
         print(out)
         raise AssertionError("ansible-playbook rc=%d (expected %s)" % (proc.returncode, expect_rc))
     return proc.returncode, out
-
-
-def recap_changed(out):
-    """changed=N from the PLAY RECAP line of localhost."""
-    for line in out.splitlines():
-        if line.startswith("localhost") and "changed=" in line:
-            return int(line.split("changed=")[1].split()[0])
-    raise AssertionError("no recap in output:\n" + out)
 
 
 def qemu_boot(image, firmware, markers, logdir, timeout=BOOT_TIMEOUT):
@@ -336,21 +318,26 @@ def test_image_layout(stick, payload):
 
 
 def test_esp_files(stick, payload):
-    with open("/usr/lib/systemd/boot/efi/systemd-bootx64.efi", "rb") as handle:
-        assert esp_read(stick, "EFI/BOOT/BOOTX64.EFI") == handle.read()
+    """The default stick: shim + Debian's signed GRUB (Secure Boot on or off), no fallback loader."""
+    for esp_path, host_path in (("EFI/BOOT/BOOTX64.EFI", "/usr/lib/shim/shimx64.efi.signed"),
+                                ("EFI/BOOT/grubx64.efi", "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+                                ("EFI/BOOT/mmx64.efi", "/usr/lib/shim/mmx64.efi.signed")):
+        with open(host_path, "rb") as handle:
+            assert esp_read(stick, esp_path) == handle.read(), esp_path
     with open(payload["kernel"], "rb") as handle:
         assert esp_read(stick, "stiefel/vmlinuz") == handle.read()
     with open(payload["initrd"], "rb") as handle:
         assert esp_read(stick, "stiefel/initrd.img") == handle.read()
-    entry = esp_read(stick, "loader/entries/stiefel.conf").decode()
-    assert "initrd  /stiefel/initrd.img\ninitrd  /stiefel/key.cpio\n" in entry
-    assert "options console=tty0 console=ttyS0,115200 stiefel.role=client" in entry
+    grub_cfg = esp_read(stick, "EFI/BOOT/grub.cfg").decode()
+    assert "  initrd /stiefel/initrd.img /stiefel/key.cpio\n" in grub_cfg
+    assert "linux  /stiefel/vmlinuz console=tty0 console=ttyS0,115200 stiefel.role=client" in grub_cfg
     sysl = esp_read(stick, "syslinux/syslinux.cfg").decode()
     assert "initrd=/stiefel/initrd.img,/stiefel/key.cpio" in sysl
     secret = payload["key"].strip().split(b":")[1]
     listing = subprocess.run(["mdir", "-a", "-/", "-b", "-i", stick + "@@1048576", "::/"], capture_output=True,
                              check=True, text=True, env=mtools_env()).stdout
     assert "::/syslinux/ldlinux.sys" in listing and "::/syslinux/ldlinux.c32" in listing
+    assert "fbx64" not in listing.lower() and "::/loader/" not in listing
     for path in listing.split():
         if path.startswith("::/") and not path.endswith("/") and "key.cpio" not in path:
             data = esp_read(stick, path[3:]) if "." in os.path.basename(path) or "vmlinuz" in path else b""
