@@ -104,7 +104,11 @@ def main():
         results["cold_build_s"] = round(took, 1)
         rows.append(("cold build (empty output dir)", "%.1f s" % took, "changed=%d rc=%d" % (changed, rc)))
     elif not (out / "manifest.json").exists():
-        print("no previous bench build in %s; run without --skip-cold" % out)
+        # a fresh checkout: say so in the JSON, so run.py reports a skip, not a failure
+        results["skipped"] = "--skip-cold and no earlier bench build in %s (run without --skip-cold once)" % out
+        print("skipped: %s" % results["skipped"], flush=True)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
         return 0
     print("unchanged rebuild ...", flush=True)
     took, changed, rc = playbook(out)

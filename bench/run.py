@@ -2,10 +2,10 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run every stiefel benchmark, print one table of ratios against the targets (issue 7).
 
-    sudo .venv/bin/python bench/run.py [--quick] [--only nbd,payload,image] [--skip-cold]
+    sudo .venv/bin/python bench/run.py [--quick] [--only nbd,randio,payload,image] [--skip-cold]
                                        [--chart docs/bench.png] [--collect-only]
 
-Runs ``nbd_throughput.py``, ``payload.py`` and ``image.py`` one after the other
+Runs ``nbd_throughput.py``, ``random_io.py``, ``payload.py`` and ``image.py`` one after the other
 (each prints its own progress and table), collects their JSON from
 ``$STIEFEL_CACHE_DIR/bench/`` (default ``<repo>/.cache/bench/``) into
 ``summary.json`` together with the date, the options and the machine facts
@@ -35,9 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCHES = ("nbd", "payload", "image")
-SCRIPTS = {"nbd": "nbd_throughput.py", "payload": "payload.py", "image": "image.py"}
-NEEDS_ROOT = {"nbd", "payload"}
+BENCHES = ("nbd", "randio", "payload", "image")
+SCRIPTS = {"nbd": "nbd_throughput.py", "randio": "random_io.py", "payload": "payload.py", "image": "image.py"}
+NEEDS_ROOT = {"nbd", "randio", "payload"}
 
 # targets from issue 7
 TARGET_NBD = 0.93            # fraction of the TCP payload ceiling
@@ -70,6 +70,8 @@ def bench_argv(name: str, args: argparse.Namespace, out: Path) -> list:
         argv += ["--quick"] if args.quick else ["--repeat", "3"]
     if name == "payload":  # the median of several runs, and their best, against other jobs' load
         argv += ["--repeat", "3" if args.quick else "5"]
+    if name == "randio" and args.quick:  # one pass of 3 s per cell instead of three of 4 s
+        argv.append("--quick")
     if name == "image" and args.skip_cold:
         argv.append("--skip-cold")
     return argv
@@ -94,7 +96,10 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
     info["seconds"] = round(time.monotonic() - started, 1)
     info["load_end"] = loadavg()
     fresh = out.exists() and out.stat().st_mtime >= started_wall - 1
-    if info["rc"] == 0 and fresh:
+    skipped = (load_json(out) or {}).get("skipped") if info["rc"] == 0 and fresh else None
+    if skipped:  # the script ran and chose not to measure (e.g. image --skip-cold on a fresh checkout)
+        info.update(status="skipped", reason=skipped)
+    elif info["rc"] == 0 and fresh:
         info["status"] = "ok"
     else:
         info["status"] = "failed"
@@ -166,6 +171,24 @@ def payload_rows(data: dict) -> list:
     return rows
 
 
+def randio_rows(data: dict) -> list:
+    """Every path's IOPS and mean latency, then the issue 18.3 targets (random_io.py judges them)."""
+    rows = []
+    for cell in data.get("cells", []):
+        cpu = ", ".join("%s %.0f" % (role, cell["%s_cpu_us_per_io" % role]) for role in ("proxy", "server")
+                        if "%s_cpu_us_per_io" % role in cell)
+        rows.append(("randio", "%-20s %-9s QD%d" % (cell["path"], cell["op"], cell["depth"]),
+                     "%.0f IOPS" % cell["iops"], "", "%.0f us mean latency, %s%s" % (
+                         cell["lat_mean_us"], "median of %d" % cell["runs"] if cell.get("runs", 1) > 1 else "1 run",
+                         ", CPU us/IO: " + cpu if cpu else ""),
+                     None))
+    for target in data.get("targets", []):
+        rows.append(("randio", target["name"], "%.2f" % target["ratio"], target["target"], "", target["met"]))
+    if data.get("error"):
+        rows.append(("randio", "(setup error: %s)" % data["error"][-80:], "", "", "", None))
+    return rows
+
+
 def image_rows(data: dict) -> list:
     rows = []
     if "initrd_bytes" in data:
@@ -192,13 +215,14 @@ def image_rows(data: dict) -> list:
 
 def build_rows(summary: dict) -> list:
     rows = []
-    makers = {"nbd": nbd_rows, "payload": payload_rows, "image": image_rows}
+    makers = {"nbd": nbd_rows, "randio": randio_rows, "payload": payload_rows, "image": image_rows}
     for name in BENCHES:
         bench = summary["benchmarks"].get(name)
         if bench is None:
             continue
         if bench.get("data") is None:
-            rows.append((name, "(no result: %s)" % bench.get("reason", bench.get("status")), "", "", "", None))
+            what = "skipped" if bench.get("status") == "skipped" else "no result"
+            rows.append((name, "(%s: %s)" % (what, bench.get("reason", bench.get("status"))), "", "", "", None))
             continue
         rows.extend(makers[name](bench["data"]))
     return rows
@@ -360,6 +384,9 @@ def main(argv=None) -> int:
         data = load_json(out) if info["status"] in ("ok", "collected") else None
         if data is None and info["status"] == "collected":
             info.update(status="missing", reason="no %s" % out)
+        if isinstance(data, dict) and data.get("skipped"):  # --collect-only of a skipped run
+            info.update(status="skipped", reason=data["skipped"])
+            data = None
         info["data"] = data
         summary["benchmarks"][name] = info
     if not previous:

@@ -1,0 +1,148 @@
+"""bench/: run.py's report of a skipped benchmark, and random_io.py's pieces that need no namespaces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+def load(name: str):
+    """bench/ is a folder of scripts, not a package: load one by path."""
+    spec = importlib.util.spec_from_file_location("stiefel_bench_%s" % name, BENCH / ("%s.py" % name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(name="run")
+def fixture_run():
+    return load("run")
+
+
+@pytest.fixture(name="randio")
+def fixture_randio():
+    return load("random_io")
+
+
+def test_skip_cold_on_a_fresh_cache_is_a_skip_not_a_failure(run, tmp_path, monkeypatch, capsys):
+    """A fresh checkout has no earlier bench build: image.py really runs and says it skipped."""
+    monkeypatch.setenv("STIEFEL_CACHE_DIR", str(tmp_path))
+    assert run.main(["--only", "image", "--skip-cold"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    image = summary["benchmarks"]["image"]
+    assert image["status"] == "skipped"
+    assert "no earlier bench build" in image["reason"]
+    assert "(skipped: --skip-cold and no earlier bench build" in out
+    assert "failed" not in out
+    # re-rendering the last run keeps it a skip
+    assert run.main(["--only", "image", "--collect-only"]) == 0
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert summary["benchmarks"]["image"]["status"] == "skipped"
+
+
+def test_a_benchmark_without_fresh_json_is_still_a_failure(run, tmp_path):
+    args = run.parse_args(["--only", "image"])
+    run.SCRIPTS["image"] = "does-not-exist.py"  # python exits 2: no JSON
+    try:
+        info = run.run_one("image", args, tmp_path / "image.json")
+    finally:
+        run.SCRIPTS["image"] = "image.py"
+    assert info["status"] == "failed"
+    assert "no fresh JSON" in info["reason"]
+
+
+def test_the_proxy_program_is_read_from_the_attach_script(randio):
+    script = randio.attach_proxy_script(randio.ATTACH_SCRIPT.read_text())
+    assert script.startswith('exec 3<>"/dev/tcp/$0/$1" || exit 111\nexec -a @nbdkit nbdkit ')
+    assert "nbd socket-fd=3" in script
+    assert randio.TLS_OPTIONS in script
+    assert "-P \"$5\"" in script and "-U \"$3\"" in script
+    plain = randio.proxy_variant(script, tls=False)
+    assert "tls" not in plain and "socket-fd=3" in plain
+    assert "exec -a @nbdkit nbdkit --threads 32 --log" in randio.proxy_variant(script, threads=32)
+
+
+@pytest.mark.parametrize("text", ["", "exec nbdkit nbd socket-fd=3", "bash -c 'exec nbdkit -f --run true'"])
+def test_a_script_without_the_daemon_proxy_is_refused(randio, text):
+    with pytest.raises(ValueError):
+        randio.attach_proxy_script(text)
+
+
+def fio_report(side: str, ios: int = 1000, iops: float = 2500.0) -> str:
+    job = {"jobname": "x", "error": 0,
+           "read": {"total_ios": 0, "iops": 0.0}, "write": {"total_ios": 0, "iops": 0.0}}
+    job[side] = {"total_ios": ios, "iops": iops, "lat_ns": {"mean": 400000.0},
+                 "clat_ns": {"mean": 390000.0, "percentile": {"50.000000": 380000, "99.000000": 900000}}}
+    return "note: both iodepth >= 1 and synchronous I/O engine are selected\n" + json.dumps({"jobs": [job]})
+
+
+@pytest.mark.parametrize("side", ["read", "write"])
+def test_parse_fio_takes_the_side_that_did_io(randio, side):
+    got = randio.parse_fio(fio_report(side))
+    assert got == {"iops": 2500.0, "lat_mean_us": 400.0, "lat_p50_us": 380.0, "lat_p99_us": 900.0, "ios": 1000}
+
+
+@pytest.mark.parametrize("text", [
+    "", "fio: engine nbd not loadable", "{", "{}", '{"jobs": []}', '{"jobs": [{}, {}]}',
+    '{"jobs": [{"error": 5}]}', '{"jobs": [{"read": {"total_ios": 0}}]}', '{"jobs": "x"}',
+])
+def test_parse_fio_refuses_hostile_or_empty_reports(randio, text):
+    with pytest.raises((ValueError, TypeError, AttributeError, KeyError)):
+        randio.parse_fio(text)
+
+
+def test_judge_applies_the_issue_18_targets(randio):
+    def cell(iops, lat):
+        return {"iops": iops, "lat_mean_us": lat}
+    cells = {("plain direct", "randread", 32): cell(10000, 3200), ("proxy TLS", "randread", 32): cell(8600, 3700),
+             ("plain direct", "randread", 1): cell(5000, 200), ("proxy TLS", "randread", 1): cell(3000, 330),
+             ("plain direct", "randwrite", 32): cell(10000, 3200), ("proxy TLS", "randwrite", 32): cell(8400, 3800)}
+    rows = {(r["op"], r["depth"]): r for r in randio.judge(cells)}
+    assert rows[("randread", 32)]["met"] is True
+    assert rows[("randread", 1)]["met"] is False and rows[("randread", 1)]["ratio"] == pytest.approx(1.65)
+    assert rows[("randwrite", 32)]["met"] is False
+    assert ("randwrite", 1) not in rows  # a missing cell gives no verdict rather than a wrong one
+
+
+def test_median_cells_skip_errors_and_take_medians(randio):
+    samples = [{"path": "p", "op": "randread", "depth": 1, "iops": x, "lat_mean_us": 1e6 / x} for x in (1, 3, 2)]
+    samples.append({"path": "p", "op": "randread", "depth": 1, "error": "fio died"})
+    cell = randio.median_cells(samples)[("p", "randread", 1)]
+    assert (cell["iops"], cell["best_iops"], cell["worst_iops"], cell["runs"]) == (2, 3, 1, 3)
+
+
+def test_run_table_rows_for_random_io(run):
+    data = {"cells": [{"path": "proxy TLS", "op": "randread", "depth": 32, "iops": 9000.0, "lat_mean_us": 3500.0,
+                       "runs": 3}],
+            "targets": [{"name": "randread QD32 IOPS proxy TLS / plain direct", "ratio": 0.9, "target": ">= 0.85",
+                         "met": True}]}
+    rows = run.randio_rows(data)
+    assert rows[0][2] == "9000 IOPS" and rows[0][5] is None
+    assert rows[1][2:4] == ("0.90", ">= 0.85") and rows[1][5] is True
+
+
+def test_thread_sampler_counts_a_thread_that_exits_while_sampling(randio):
+    """nbdkit's per-connection threads end with fio's connection; their CPU time must not vanish."""
+    sampler = randio.ThreadSampler({"me": os.getpid()})
+    sampler.start()
+
+    def burn():
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+    worker = threading.Thread(target=burn)
+    worker.start()
+    worker.join()
+    cpu, wait = sampler.stop()["me"]
+    assert cpu >= 0.15e9  # most of the exited thread's 0.3 s of CPU, seen by the 0.1 s samples
+    assert wait >= 0
