@@ -172,8 +172,9 @@ class ClientDiscovery(object):
 
 
 class SessionBook(object):
-    """Sessions opened for clients that proved the key (SESSION_REQUEST), each usable a few times within ``ttl``
-    (payload fetch retries), from the address that proved it when one is given."""
+    """Sessions opened for clients that proved the key (SESSION_REQUEST): each allows ``uses`` requests within
+    ``ttl`` (passphrase attempts) and ends with its ``last`` one (the payload fetch: a client whose fetch fails
+    asks for a new session), from the address that proved it when one is given."""
 
     def __init__(self, capacity=256, ttl=300.0, uses=4, clock=time.monotonic):
         self.capacity = capacity
@@ -189,8 +190,9 @@ class SessionBook(object):
             self._open.popitem(last=False)
         return server_nonce
 
-    def check(self, client_nonce, server_nonce, consume=True, peer=None):
-        """Raise ReplayedMessage unless the pair was issued (to ``peer``), is fresh and has uses left."""
+    def check(self, client_nonce, server_nonce, consume=True, peer=None, last=False):
+        """Raise ReplayedMessage unless the pair was issued (to ``peer``), is fresh and has uses left;
+        ``last`` ends the session with this use."""
         entry = self._open.get(server_nonce)
         if entry is None:
             raise ReplayedMessage("unknown, expired or used-up session")
@@ -203,10 +205,17 @@ class SessionBook(object):
         if self._clock() - issued_at > self.ttl:
             del self._open[server_nonce]
             raise ReplayedMessage("session expired")
-        if consume:
+        if last:
+            del self._open[server_nonce]
+        elif consume:
             entry[2] = left - 1
             if entry[2] <= 0:
                 del self._open[server_nonce]
+
+    def keep_only(self, server_nonce):
+        """Close every session but this one (the NBD PSK is this session's now: the others are of no use)."""
+        for other in [n for n in self._open if n != server_nonce]:
+            del self._open[other]
 
     def __len__(self):
         return len(self._open)

@@ -98,6 +98,7 @@ class ServerState(object):
             if msg.type == messages.SESSION_REQUEST:
                 line = keyschedule.nbd_psk_line(self.key, msg.client_nonce, msg.session_nonce) + "\n"
                 nbd_export.atomic_write(self.psk_path, line, 0o600)
+                self.sessions.keep_only(msg.session_nonce)
                 if peer is not None:
                     self.clients[peer] = "session opened, NBD session key ready"
                 self.log("client %s: proved the key, session opened; the NBD PSK is now this session's" % (
@@ -129,7 +130,8 @@ class ServerState(object):
             if kind == "payload" and self.source is None:
                 return 503, "the laptop's /boot is not readable", client_nonce, server_nonce, kind
             try:
-                self.sessions.check(client_nonce, server_nonce, peer=peer)
+                # one payload per session: a recorded URL is worth nothing once the client fetched
+                self.sessions.check(client_nonce, server_nonce, peer=peer, last=kind == "payload")
             except ProtocolError as exc:
                 return 403, str(exc), client_nonce, server_nonce, kind
         return 200, "ok", client_nonce, server_nonce, kind

@@ -219,6 +219,21 @@ def test_session_book_uses_and_ttl():
         book.check(cn, sn)
 
 
+def test_session_book_payload_ends_the_session_and_a_new_one_closes_the_rest():
+    book = discovery.SessionBook()
+    cn = messages.new_nonce()
+    older, newer = book.issue(cn), book.issue(cn)
+    book.check(cn, newer)  # e.g. a passphrase attempt
+    book.check(cn, newer, last=True)  # the payload
+    with pytest.raises(ReplayedMessage):
+        book.check(cn, newer)
+    newest = book.issue(cn)
+    book.keep_only(newest)
+    with pytest.raises(ReplayedMessage):
+        book.check(cn, older)
+    book.check(cn, newest)
+
+
 def test_session_book_bounded():
     book = discovery.SessionBook(capacity=4)
     for _ in range(100):
