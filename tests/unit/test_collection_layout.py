@@ -70,9 +70,25 @@ def test_galaxy_names_the_collection():
     assert galaxy["namespace"] == "stiefel"
     assert galaxy["name"] == "system"
     assert galaxy["version"], "galaxy.yml needs a version"
-    # build outputs and the dev environment never go into a built collection
-    for ignored in (".cache", ".venv", "collections"):
+    # build outputs, caches and the dev environment never go into a built collection
+    # (tests/integration/test_galaxy_install.py checks the built tarball itself)
+    for ignored in (".cache", ".venv", ".hypothesis", ".pytest_cache", "collections", "bench/results"):
         assert ignored in galaxy.get("build_ignore", []), f"build_ignore lacks {ignored}"
+
+
+def test_playbook_names_are_valid_fqcn_parts():
+    # `ansible-playbook stiefel.system.NAME` accepts only Python-identifier-like names
+    names = sorted(p.stem for p in (REPO / "playbooks").glob("*.y*ml"))
+    assert names, "no playbooks"
+    assert [n for n in names if not n.isidentifier() or n != n.lower()] == []
+
+
+def test_molecule_scenarios_live_where_molecule_looks_for_a_collection():
+    # Molecule 26 reads extensions/molecule/ in a collection; a root molecule/ makes it
+    # warn and look for molecule/default, and bare `molecule test` runs the default scenario
+    assert not (REPO / "molecule").exists()
+    scenarios = sorted(p.parent.name for p in (REPO / "extensions" / "molecule").glob("*/molecule.yml"))
+    assert "default" in scenarios and len(scenarios) > 1, scenarios
 
 
 def test_runtime_yml_declares_requires_ansible():
