@@ -1,0 +1,236 @@
+"""Unit tests for stiefel_runtime.lockdown: lockdown state, the PE/COFF signature table, the refusal text.
+
+The signed images are the real ones from shim-signed and grub-efi-amd64-signed (skipped without
+them); kexec is the subprocess seam (a fake ``run`` records argv and answers as the kernel would,
+with the strerror texts measured under lockdown in QEMU: issue 15).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import types
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stiefel_runtime import lockdown
+
+SIGNED_GRUB = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"
+UNSIGNED_SHIM = "/usr/lib/shim/shimx64.efi"
+needs_images = pytest.mark.skipif(not all(os.path.exists(p) for p in (SIGNED_GRUB, SIGNED_SHIM, UNSIGNED_SHIM)),
+                                  reason="shim-signed / grub-efi-amd64-signed not installed")
+
+
+def minimal_pe(cert_blobs=(), magic=0x20B, count=16, cert_type=2):
+    """A PE/COFF header with an optional header and a certificate table holding ``cert_blobs``."""
+    opt_size = (112 if magic == 0x20B else 96) + count * 8
+    pe = 0x40
+    head = bytearray(b"MZ" + b"\0" * 0x3A + struct.pack("<I", pe))
+    head += b"PE\0\0" + struct.pack("<HHIIIHH", 0x8664, 0, 0, 0, 0, opt_size, 0)
+    opt = bytearray(opt_size)
+    struct.pack_into("<H", opt, 0, magic)
+    struct.pack_into("<I", opt, opt_size - count * 8 - 4, count)
+    body = bytes(head + opt)
+    table = b""
+    for blob in cert_blobs:
+        entry = struct.pack("<IHH", 8 + len(blob), 0x200, cert_type) + blob
+        table += entry + b"\0" * ((8 - len(entry) % 8) % 8)
+    if table and count > lockdown.CERT_TABLE_INDEX:
+        dirs = len(head) + opt_size - count * 8
+        body = bytearray(body)
+        struct.pack_into("<II", body, dirs + lockdown.CERT_TABLE_INDEX * 8, len(body), len(table))
+        body = bytes(body)
+    return body + table
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- sysfs
+@pytest.mark.parametrize("text,state", [("[none] integrity confidentiality\n", "none"),
+                                        ("none [integrity] confidentiality\n", "integrity"),
+                                        ("none integrity [confidentiality]\n", "confidentiality"),
+                                        ("garbage\n", None), ("]x[", None), ("", None)])
+def test_lockdown_state(tmp_path, text, state):
+    assert lockdown.lockdown_state(write(tmp_path, "lockdown", text.encode())) == state
+
+
+def test_lockdown_state_missing_file(tmp_path):
+    assert lockdown.lockdown_state(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("data,value", [(b"\x06\0\0\0\x01", True), (b"\x06\0\0\0\x00", False), (b"\x06\0", None)])
+def test_secure_boot_variable(tmp_path, data, value):
+    assert lockdown.secure_boot_enabled(write(tmp_path, "SecureBoot", data)) is value
+
+
+# --------------------------------------------------------------------------- PE/COFF signature table
+@needs_images
+def test_signers_of_debian_and_microsoft_images():
+    assert lockdown.kernel_signers(SIGNED_GRUB) == [("Debian Secure Boot Signer 2022 - grub2", "Debian Secure Boot CA")]
+    shim = lockdown.kernel_signers(SIGNED_SHIM)
+    assert shim[0] == ("Microsoft Windows UEFI Driver Publisher", "Microsoft Corporation UEFI CA 2011")
+    assert len(shim) == 2 and shim[1][1] == "Microsoft UEFI CA 2023"
+
+
+@needs_images
+def test_unsigned_and_stripped_images_have_no_signature(tmp_path):
+    assert lockdown.kernel_signers(UNSIGNED_SHIM) == []
+    if shutil.which("sbattach"):
+        stripped = str(tmp_path / "stripped.efi")
+        shutil.copyfile(SIGNED_GRUB, stripped)
+        subprocess.run(["sbattach", "--remove", stripped], check=True, capture_output=True)
+        assert lockdown.kernel_signers(stripped) == []
+
+
+def test_synthetic_tables():
+    assert lockdown.pe_signatures(minimal_pe()) == []
+    assert lockdown.pe_signatures(minimal_pe([b"abc", b"defghijk"])) == [b"abc", b"defghijk"]
+    assert lockdown.pe_signatures(minimal_pe([b"abc"], magic=0x10B)) == [b"abc"]
+    assert lockdown.pe_signatures(minimal_pe([b"abc"], cert_type=1)) == []
+    assert lockdown.pe_signatures(minimal_pe([b"abc"], count=3)) == []
+
+
+@pytest.mark.parametrize("data", [b"", b"MZ", b"ELF", b"MZ" + b"\0" * 58 + b"\xff\xff\xff\x7f",
+                                  minimal_pe(magic=0x999)])
+def test_not_pe(data):
+    with pytest.raises(lockdown.PEError):
+        lockdown.pe_signatures(data)
+
+
+def test_certificate_table_past_the_end():
+    data = bytearray(minimal_pe([b"x" * 40]))
+    with pytest.raises(lockdown.PEError):
+        lockdown.pe_signatures(bytes(data[:-10]))
+
+
+def test_garbage_pkcs7_is_a_pe_error():
+    with pytest.raises(lockdown.PEError):
+        lockdown.signer_of(b"\x30\x03\x02\x01\x00")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600))
+def test_pe_parser_on_random_bytes(data):
+    try:
+        found = lockdown.pe_signatures(b"MZ" + data)
+    except lockdown.PEError:
+        return
+    assert all(isinstance(blob, bytes) for blob in found)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=4), st.integers(0, 2000), st.binary(min_size=1, max_size=8))
+def test_pe_parser_on_mutated_headers(blobs, where, junk):
+    """A well-formed image with a few bytes overwritten anywhere: a PEError or blobs, nothing else."""
+    data = bytearray(minimal_pe(blobs))
+    where %= len(data)
+    data[where:where + len(junk)] = junk
+    try:
+        found = lockdown.pe_signatures(bytes(data))
+    except lockdown.PEError:
+        return
+    assert len(found) <= lockdown.MAX_SIGNATURES
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_pkcs7_reader_on_hostile_blobs(blob):
+    try:
+        subject, issuer = lockdown.signer_of(blob)
+    except lockdown.PEError:
+        return
+    assert isinstance(subject, str) and isinstance(issuer, str)
+
+
+# --------------------------------------------------------------------------- check_kernel
+class FakeKexec:
+    """Answers ``kexec -s -l`` like a locked-down kernel would; records every argv."""
+
+    def __init__(self, load_rc=0, load_output=b""):
+        self.calls = []
+        self.load_rc, self.load_output = load_rc, load_output
+
+    def __call__(self, argv, **_kwargs):
+        self.calls.append(list(argv))
+        if argv[1:3] == ["-s", "-l"]:
+            return types.SimpleNamespace(returncode=self.load_rc, stdout=self.load_output)
+        return types.SimpleNamespace(returncode=0, stdout=b"")
+
+
+@pytest.fixture
+def locked(tmp_path):
+    return {"lockdown_path": write(tmp_path, "lockdown", b"none [integrity] confidentiality\n"),
+            "secure_boot_path": write(tmp_path, "SecureBoot", b"\x06\0\0\0\x01")}
+
+
+def test_no_lockdown_checks_nothing(tmp_path):
+    run = FakeKexec()
+    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run,
+                          lockdown_path=write(tmp_path, "l", b"[none] integrity confidentiality\n"))
+    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run, lockdown_path=str(tmp_path / "nothing"))
+    assert run.calls == []
+
+
+@needs_images
+def test_unsigned_kernel_refused_without_trying(locked):
+    run = FakeKexec()
+    with pytest.raises(lockdown.LockdownRefusal) as exc:
+        lockdown.check_kernel(UNSIGNED_SHIM, run=run, **locked)
+    msg = str(exc.value)
+    assert msg.startswith("This desktop cannot start the laptop's kernel: Secure Boot is on, and the laptop's "
+                          "kernel carries no signature.")
+    assert "mokutil --import" in msg and "turn Secure Boot off" in msg
+    assert run.calls == []
+
+
+def test_not_an_efi_image_refused(locked, tmp_path):
+    with pytest.raises(lockdown.LockdownRefusal, match="not a signed EFI image"):
+        lockdown.check_kernel(write(tmp_path, "k", b"\x7fELF" + b"\0" * 100), run=FakeKexec(), **locked)
+
+
+@needs_images
+def test_untrusted_signer_names_the_key(locked):
+    run = FakeKexec(1, b"kexec_file_load failed: Required key not available\n")
+    with pytest.raises(lockdown.LockdownRefusal) as exc:
+        lockdown.check_kernel(SIGNED_SHIM, run=run, **locked)
+    msg = str(exc.value)
+    assert "it does not trust the key that signed the laptop's kernel" in msg
+    assert "signed by 'Microsoft Windows UEFI Driver Publisher' (issued by 'Microsoft Corporation UEFI CA 2011')" in msg
+    assert "enroll the 'Microsoft Corporation UEFI CA 2011' certificate" in msg
+    assert run.calls == [["kexec", "-s", "-l", SIGNED_SHIM]]
+
+
+@needs_images
+@pytest.mark.parametrize("output,reason", [(b"No data available", "carries no signature"),
+                                           (b"Key was rejected by service", "does not match its contents"),
+                                           (b"something new", "kexec_file_load refused the laptop's kernel "
+                                                              "(something new)")])
+def test_other_kexec_refusals(locked, output, reason):
+    with pytest.raises(lockdown.LockdownRefusal, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        lockdown.check_kernel(SIGNED_GRUB, run=FakeKexec(1, output), **locked)
+
+
+@needs_images
+def test_trusted_kernel_is_loaded_then_unloaded_with_s(locked):
+    run = FakeKexec()
+    lines = []
+    lockdown.check_kernel(SIGNED_GRUB, run=run, log=lines.append, **locked)
+    # plain `kexec -u` is refused under lockdown: the unload must be `-s -u`
+    assert run.calls == [["kexec", "-s", "-l", SIGNED_GRUB], ["kexec", "-s", "-u"]]
+    assert any("signed by Debian Secure Boot Signer 2022 - grub2 (Debian Secure Boot CA)" in ln for ln in lines)
+
+
+@needs_images
+def test_dry_run_never_calls_kexec(locked):
+    run = FakeKexec()
+    lockdown.check_kernel(SIGNED_GRUB, run=run, dry_run=True, **locked)
+    assert run.calls == []
