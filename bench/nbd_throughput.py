@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO / "collections"))
 sys.path.insert(0, str(HERE))
 
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne  # noqa: E402
+from benchenv import cache_dir, sigterm_as_interrupt  # noqa: E402
 from netns import NetnsPair, htb_rate_for, payload_ceiling, wait_for  # noqa: E402
 
 MiB = 1 << 20
@@ -84,10 +84,6 @@ sock.shutdown(socket.SHUT_WR); sock.recv(1)
 
 def log(msg):
     print("[nbd-bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
 
 
 def random_file(path: Path, size: int) -> None:
@@ -206,13 +202,7 @@ def main(argv=None) -> int:
             return 2
     out_path = Path(args.output) if args.output else cache_dir() / "bench" / "nbd.json"
 
-    main_pid = os.getpid()
-
-    def on_term(signum, frame):
-        if os.getpid() != main_pid:  # pyroute2's forked netns helpers inherit this handler
-            os._exit(1)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    main_pid = sigterm_as_interrupt()
 
     work = Path(tempfile.mkdtemp(prefix="stf-nbdbench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     pair = NetnsPair()

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ sys.path.insert(0, HERE)
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
 from stiefel_runtime import client, discovery, messages, payload, server
+from benchenv import loadavg, sigterm_as_interrupt  # noqa: E402
 from netns import HTB_BURST, NetnsPair, htb_rate_for, payload_ceiling  # noqa: E402
 
 HTTP_PORT = 61599
@@ -285,14 +285,6 @@ def summarise(size_mb, path, runs, ceiling_bps):
     return row
 
 
-def loadavg():
-    try:
-        with open("/proc/loadavg") as handle:
-            return [float(x) for x in handle.read().split()[:3]]
-    except (OSError, ValueError):
-        return []
-
-
 def congestion_control():
     try:
         with open("/proc/sys/net/ipv4/tcp_congestion_control") as handle:
@@ -312,13 +304,7 @@ def orchestrate(args):
                "rows": []}
     work = tempfile.mkdtemp(prefix="stf-bench-payload-", dir="/dev/shm")
     pair = NetnsPair()
-    main_pid = os.getpid()
-
-    def on_term(signum, frame):
-        if os.getpid() != main_pid:  # pyroute2's forked netns helpers inherit this handler
-            os._exit(1)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    main_pid = sigterm_as_interrupt()
     try:
         pair.create()
         results["htb_burst_bytes"] = pair.shape(htb, burst=args.htb_burst)

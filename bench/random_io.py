@@ -49,7 +49,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -65,6 +64,7 @@ sys.path.insert(0, str(REPO / "collections"))
 sys.path.insert(0, str(HERE))
 
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne  # noqa: E402
+from benchenv import cache_dir, loadavg, sigterm_as_interrupt  # noqa: E402
 from netns import NetnsPair, htb_rate_for, payload_ceiling, wait_for  # noqa: E402
 
 MiB = 1 << 20
@@ -145,17 +145,6 @@ print(json.dumps({"iops": done / took, "lat_mean_us": 1e6 * lat / done, "ops": d
 
 def log(msg: str) -> None:
     print("[randio %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
-
-
-def loadavg() -> list:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return [float("nan")] * 3
 
 
 # ------------------------------------------------------------------ the proxy, as the laptop starts it
@@ -466,13 +455,7 @@ def main(argv=None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"skipped": skipped}) + "\n")
         return 0
-    main_pid = os.getpid()
-
-    def on_term(signum, frame):
-        if os.getpid() != main_pid:  # pyroute2's forked netns helpers inherit this handler
-            os._exit(1)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    main_pid = sigterm_as_interrupt()
 
     work = Path(tempfile.mkdtemp(prefix="stf-randio-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     pair = NetnsPair()

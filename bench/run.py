@@ -35,6 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from benchenv import cache_dir, loadavg  # noqa: E402
 BENCHES = ("nbd", "randio", "payload", "image")
 SCRIPTS = {"nbd": "nbd_throughput.py", "randio": "random_io.py", "payload": "payload.py", "image": "image.py"}
 NEEDS_ROOT = {"nbd", "randio", "payload"}
@@ -47,17 +50,6 @@ TARGET_COLD_S = 300.0        # cold build
 TARGET_UNCHANGED_S = 30.0    # unchanged rebuild
 # configurations the NBD target is about; the others are for comparison
 NBD_STIEFEL = ("nbdkit", "nbdkit TLS")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STIEFEL_CACHE_DIR") or REPO / ".cache")
-
-
-def loadavg() -> list:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return [float("nan")] * 3
 
 
 def log(msg: str) -> None:
