@@ -322,6 +322,53 @@ def render_chart(summary: dict, path: Path) -> None:
     log("chart: %s (%d bytes)" % (path, path.stat().st_size))
 
 
+def render_randio_chart(summary: dict, path: Path) -> None:
+    """Random I/O against plain direct: IOPS share at QD32 and latency multiple at QD1, per path."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    data = (summary["benchmarks"].get("randio") or {}).get("data") or {}
+    cells = {(c["path"], c["op"], c["depth"]): c for c in data.get("cells", [])}
+    paths = [p for p in data.get("paths", []) if p not in ("raw TCP", "plain direct")]
+    if not paths or not any(k[0] == "plain direct" for k in cells):
+        log("random I/O chart: no numbers, nothing drawn")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=90)
+    # bars are clipped: qemu-nbd's tens of times would flatten every other bar
+    panels = ((axes[0], 32, "iops", "QD32 IOPS / plain direct", 0.85, ">= 0.85", 2.0),
+              (axes[1], 1, "lat_mean_us", "QD1 mean latency / plain direct", 1.3, "<= 1.3", 6.0))
+    for ax, depth, key, title, target, target_label, clip in panels:
+        width = 0.38
+        for i, (op, colour) in enumerate((("randread", "#4c72b0"), ("randwrite", "#dd8452"))):
+            base = cells.get(("plain direct", op, depth))
+            values = []
+            for name in paths:
+                cell = cells.get((name, op, depth))
+                values.append(cell[key] / base[key] if cell and base and base[key] else 0.0)
+            xs = [j + (i - 0.5) * width for j in range(len(paths))]
+            ax.bar(xs, [min(v, clip) for v in values], width, color=colour, label=op)
+            for x, v in zip(xs, values):
+                ax.text(x, min(v, clip) + clip / 100, "%.2f" % v, ha="center", fontsize=7)
+        ax.axhline(target, color="#c44e52", linewidth=1.4, label="target %s" % target_label)
+        ax.set_xticks(range(len(paths)))
+        ax.set_xticklabels([p.replace(" ", "\n", 1) for p in paths], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, clip * 1.1)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("stiefel random I/O %s: 4 KiB, fio nbd engine, shaped 2.5 GbE, median of %s pass(es) "
+                 "(bars clipped, labels exact)" % (summary["date"][:10], data.get("repeat", "?")), fontsize=10)
+    fig.text(0.99, 0.01, "%d cores, load %s -> %s" % (
+        summary["cores"], fmt_load(data.get("load_start")), fmt_load(data.get("load_end"))),
+        ha="right", fontsize=7, color="#555555")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    log("random I/O chart: %s (%d bytes)" % (path, path.stat().st_size))
+
+
 # ------------------------------------------------------------------ main
 
 def parse_args(argv):
@@ -330,7 +377,9 @@ def parse_args(argv):
                         help="NBD: one pass of 256 MiB instead of three of 1 GiB; payload: 3 runs instead of 5")
     parser.add_argument("--only", default=",".join(BENCHES), help="comma list of: %s" % ", ".join(BENCHES))
     parser.add_argument("--skip-cold", action="store_true", help="image.py: reuse the last cold build")
-    parser.add_argument("--chart", default=None, help="write a PNG bar chart here (e.g. docs/bench.png)")
+    parser.add_argument("--chart", default=None,
+                        help="write a PNG bar chart here (e.g. docs/bench.png) and the random I/O one beside it "
+                             "(docs/bench-randio.png)")
     parser.add_argument("--collect-only", action="store_true",
                         help="do not run anything: summarise the JSON already in the cache directory")
     args = parser.parse_args(argv)
@@ -392,10 +441,12 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(summary, indent=1) + "\n")
     log("saved %s (%.0f s total)" % (path, summary["seconds_total"]))
     if args.chart:
-        try:
-            render_chart(summary, Path(args.chart))
-        except Exception as exc:  # pylint: disable=broad-except  # a chart never fails the run
-            log("chart failed: %s: %s" % (type(exc).__name__, exc))
+        chart = Path(args.chart)
+        for render, target in ((render_chart, chart), (render_randio_chart, chart.with_name(chart.stem + "-randio.png"))):
+            try:
+                render(summary, target)
+            except Exception as exc:  # pylint: disable=broad-except  # a chart never fails the run
+                log("chart failed: %s: %s" % (type(exc).__name__, exc))
     return 0
 
 

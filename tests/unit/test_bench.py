@@ -146,3 +146,17 @@ def test_thread_sampler_counts_a_thread_that_exits_while_sampling(randio):
     cpu, wait = sampler.stop()["me"]
     assert cpu >= 0.15e9  # most of the exited thread's 0.3 s of CPU, seen by the 0.1 s samples
     assert wait >= 0
+
+
+def test_random_io_chart_is_drawn_from_the_summary(run, tmp_path):
+    cells = [{"path": p, "op": op, "depth": d, "iops": 1000.0 * (2 if p == "plain direct" else 1),
+              "lat_mean_us": 50.0 * (1 if p == "plain direct" else 3)}
+             for p in ("plain direct", "proxy TLS") for op in ("randread", "randwrite") for d in (1, 32)]
+    summary = {"date": "2026-12-01T18:00:00", "cores": 2,
+               "benchmarks": {"randio": {"data": {"cells": cells, "paths": ["raw TCP", "plain direct", "proxy TLS"],
+                                                  "repeat": 3, "load_start": [1, 1, 1], "load_end": [2, 2, 2]}}}}
+    out = tmp_path / "bench-randio.png"
+    run.render_randio_chart(summary, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run.render_randio_chart({"date": "x", "cores": 2, "benchmarks": {}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
