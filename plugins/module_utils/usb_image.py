@@ -11,11 +11,22 @@ Layout (GPT, 512-byte sectors)::
                    GPT attribute LegacyBIOSBootable (gptmbr.bin chains to it)
     end-33 .. end  backup GPT (the image is laid out for the exact target size)
 
-ESP contents::
+ESP contents (uefi_loader "shim", the default: boots with Secure Boot on and off)::
+
+    EFI/BOOT/BOOTX64.EFI        shim (shim-signed: Microsoft-signed, carries Debian's CA)
+    EFI/BOOT/grubx64.efi        GRUB (grub-efi-amd64-signed: signed by Debian's CA)
+    EFI/BOOT/mmx64.efi          MokManager (shim-signed), so a pending mokutil enrollment can finish
+    EFI/BOOT/grub.cfg           linux + one initrd line with two files + options
+    (no fbx64.efi: the fallback loader would write boot entries into the desktop's NVRAM)
+
+  or (uefi_loader "systemd-boot": unsigned, for kernels without a Debian signature)::
 
     EFI/BOOT/BOOTX64.EFI        systemd-boot (UEFI)
     loader/loader.conf          default entry, no timeout, editor off
     loader/entries/stiefel.conf linux + two initrd lines + options
+
+  and for both::
+
     syslinux/ldlinux.sys,.c32   syslinux (legacy BIOS), installed by `syslinux --install`
     syslinux/syslinux.cfg       LINUX + initrd=<ramdisk>,<key.cpio> + APPEND
     stiefel/vmlinuz             the stiefel ramdisk kernel
@@ -38,6 +49,8 @@ import json
 import os
 import re
 import shutil
+import ssl
+import struct
 import subprocess
 import tempfile
 import time
@@ -58,6 +71,14 @@ ESP_LABEL = "STIEFEL"
 BASE_CMDLINE = "console=tty0 console=ttyS0,115200 stiefel.role=client"
 
 SYSTEMD_BOOT_CANDIDATES = ("/usr/lib/systemd/boot/efi/systemd-bootx64.efi",)
+SHIM_CANDIDATES = ("/usr/lib/shim/shimx64.efi.signed",)
+MOKMANAGER_CANDIDATES = ("/usr/lib/shim/mmx64.efi.signed",)
+SIGNED_GRUB_CANDIDATES = ("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",)
+UEFI_LOADERS = ("shim", "systemd-boot")
+# The UEFI CAs of Microsoft's third-party (UEFI CA) program that firmware db lists carry; shim is
+# signed by them. Their certificates are not on a Debian machine, so shim is checked by issuer name
+# (the firmware checks the rest; the Secure Boot QEMU test proves it with Microsoft's keys enrolled).
+MICROSOFT_UEFI_CAS = ("Microsoft Corporation UEFI CA 2011", "Microsoft UEFI CA 2023")
 GPTMBR_CANDIDATES = ("/usr/lib/syslinux/mbr/gptmbr.bin", "/usr/lib/SYSLINUX/gptmbr.bin")
 BLKFLSBUF = 0x1261
 BLKRRPART = 0x125F
@@ -132,13 +153,16 @@ def run(argv, stdin=None, env_extra=None):
 class StickSpec:
     """What goes on the stick. ``key_text`` is secret: never log or return it."""
 
-    def __init__(self, kernel, initrd, key_text, extra_cmdline="", esp_size_mib=256, target_size=0):
+    def __init__(self, kernel, initrd, key_text, extra_cmdline="", esp_size_mib=256, target_size=0,
+                 uefi_loader="shim"):
         self.kernel = kernel
         self.initrd = initrd
         self.key_text = key_text
         self.extra_cmdline = (extra_cmdline or "").strip()
         self.esp_size_mib = int(esp_size_mib)
         self.target_size = int(target_size) // SECTOR * SECTOR
+        self.uefi_loader = uefi_loader
+        self.signatures = {}
 
     @property
     def cmdline(self):
@@ -178,6 +202,10 @@ class StickSpec:
         if self.target_size < self.min_target_size:
             raise StickError("target is %d MiB, the stick layout needs at least %d MiB"
                              % (self.target_size // MIB, self.min_target_size // MIB))
+        if self.uefi_loader not in UEFI_LOADERS:
+            raise StickError("uefi_loader %r is not one of %s" % (self.uefi_loader, ", ".join(UEFI_LOADERS)))
+        if self.uefi_loader == "shim":
+            self.signatures = check_secure_boot_chain(self.secure_boot_files())
 
     # ESP contents -------------------------------------------------------
     def loader_conf(self):
@@ -189,6 +217,46 @@ class StickSpec:
                 "initrd  /stiefel/initrd.img\n"
                 "initrd  /stiefel/key.cpio\n"
                 "options %s\n" % self.cmdline)
+
+    def grub_cfg(self):
+        # One initrd command with two files: GRUB concatenates them, as the kernel expects.
+        return ("set timeout=0\n"
+                "set default=0\n"
+                'menuentry "stiefel client" {\n'
+                "  linux  /stiefel/vmlinuz %s\n"
+                "  initrd /stiefel/initrd.img /stiefel/key.cpio\n"
+                "}\n" % self.cmdline)
+
+    def secure_boot_files(self):
+        """{role: host path} of what Secure Boot firmware, shim and GRUB check on this stick."""
+        return {"shim": find_first(SHIM_CANDIDATES, "shim (shim-signed)"),
+                "mokmanager": find_first(MOKMANAGER_CANDIDATES, "MokManager (shim-signed)"),
+                "grub": find_first(SIGNED_GRUB_CANDIDATES, "signed GRUB (grub-efi-amd64-signed)"),
+                "kernel": self.kernel}
+
+    def uefi_files(self):
+        if self.uefi_loader == "shim":
+            signed = self.secure_boot_files()
+            return [
+                ("EFI/BOOT/BOOTX64.EFI", ("file", signed["shim"]), False),
+                ("EFI/BOOT/grubx64.efi", ("file", signed["grub"]), False),
+                ("EFI/BOOT/mmx64.efi", ("file", signed["mokmanager"]), False),
+                ("EFI/BOOT/grub.cfg", ("data", self.grub_cfg().encode()), False),
+            ]
+        return [
+            ("EFI/BOOT/BOOTX64.EFI", ("file", find_first(SYSTEMD_BOOT_CANDIDATES, "systemd-boot")), False),
+            ("loader/loader.conf", ("data", self.loader_conf().encode()), False),
+            ("loader/entries/stiefel.conf", ("data", self.systemd_boot_entry().encode()), False),
+        ]
+
+    def esp_directories(self):
+        uefi = ["EFI", "EFI/BOOT"] + (["loader", "loader/entries"] if self.uefi_loader == "systemd-boot" else [])
+        return uefi + ["syslinux", "stiefel"]
+
+    def uefi_description(self):
+        if self.uefi_loader == "shim":
+            return "shim + GRUB (signed, Secure Boot on or off)"
+        return "systemd-boot (unsigned, Secure Boot off only)"
 
     def syslinux_cfg(self):
         return ("SERIAL 0 115200\n"
@@ -204,10 +272,7 @@ class StickSpec:
 
     def esp_files(self):
         """[(esp path, bytes or host file path, secret?)] in copy order (manifest excluded)."""
-        return [
-            ("EFI/BOOT/BOOTX64.EFI", ("file", find_first(SYSTEMD_BOOT_CANDIDATES, "systemd-boot")), False),
-            ("loader/loader.conf", ("data", self.loader_conf().encode()), False),
-            ("loader/entries/stiefel.conf", ("data", self.systemd_boot_entry().encode()), False),
+        return self.uefi_files() + [
             ("syslinux/syslinux.cfg", ("data", self.syslinux_cfg().encode()), False),
             ("stiefel/vmlinuz", ("file", self.kernel), False),
             ("stiefel/initrd.img", ("file", self.initrd), False),
@@ -226,7 +291,7 @@ class StickSpec:
             "esp_start": ESP_START,
             "esp_size": self.esp_size,
             "cmdline": self.cmdline,
-            "bootloaders": {"uefi": "systemd-boot", "bios": "syslinux gptmbr.bin"},
+            "bootloaders": {"uefi": self.uefi_loader, "bios": "syslinux gptmbr.bin"},
             "files": files,
         }
 
@@ -245,12 +310,127 @@ class StickSpec:
             "partition_table": "gpt",
             "partitions": [{"number": 1, "type": "EFI system (LegacyBIOSBootable)", "start": ESP_START,
                             "size": self.esp_size, "filesystem": "vfat FAT32 label %s" % ESP_LABEL}],
-            "bootloaders": {"uefi": "systemd-boot as EFI/BOOT/BOOTX64.EFI",
+            "bootloaders": {"uefi": self.uefi_description(),
                             "bios": "syslinux (gptmbr.bin in the protective MBR, ldlinux on the ESP)"},
             "cmdline": self.cmdline,
             "files": files,
+            "secure_boot": self.signatures,
+            "secure_boot_summary": secure_boot_summary(self.signatures),
             "bytes_to_write": sum(length for _offset, length in self.regions()),
         }
+
+
+# Secure Boot chain ---------------------------------------------------------
+def sbverify_list(path):
+    """``sbverify --list`` of a PE/COFF image: its signatures' issuers and certificates (text)."""
+    return run(["sbverify", "--list", path]).decode("utf-8", "replace")
+
+
+def parse_sbverify_list(text):
+    """{'signed': bool, 'issuers': [...], 'signers': [...]} from ``sbverify --list`` output.
+
+    'signers' are the subjects of the certificates the signatures carry, leaf first.
+    """
+    issuers, signers = [], []
+    section = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("image signature issuers"):
+            section = "issuers"
+        elif stripped.startswith("image signature certificates"):
+            section = "certificates"
+        elif stripped.startswith("- subject:") and section == "certificates":
+            signers.append(_common_name(stripped.split(":", 1)[1]))
+        elif stripped.startswith("- ") and section == "issuers":
+            issuers.append(_common_name(stripped[2:]))
+    signed = bool(re.search(r"^signature \d+", text, re.MULTILINE)) and "No signature table" not in text
+    return {"signed": signed, "issuers": issuers, "signers": signers}
+
+
+def _common_name(dn):
+    match = re.search(r"/CN=([^/]+)", dn.strip())
+    return match.group(1).strip() if match else dn.strip()
+
+
+def shim_vendor_cert_pem(shim, workdir):
+    """The CA certificate shim trusts besides the firmware's db (its .vendor_cert section), as a PEM file.
+
+    The section starts with a table of four little-endian uint32 (authorized size, deauthorized
+    size, authorized offset, deauthorized offset); Debian's shim carries one DER certificate there.
+    """
+    section = os.path.join(workdir, "vendor_cert.bin")
+    run(["objcopy", "--dump-section", ".vendor_cert=" + section, shim, os.path.join(workdir, "shim.copy")])
+    if not os.path.exists(section):  # objcopy only warns about a missing section
+        raise StickError("%s has no .vendor_cert section (not a shim?)" % shim)
+    with open(section, "rb") as handle:
+        data = handle.read()
+    if len(data) < 16:
+        raise StickError("%s has no usable .vendor_cert section" % shim)
+    size, _dsize, offset, _doffset = struct.unpack_from("<4I", data)
+    der = data[offset:offset + size]
+    if not der.startswith(b"\x30") or offset + size > len(data):
+        raise StickError("%s: .vendor_cert holds no DER certificate" % shim)
+    pem = os.path.join(workdir, "vendor_cert.pem")
+    with open(pem, "w", encoding="ascii") as handle:
+        handle.write(ssl.DER_cert_to_PEM_cert(der))
+    return pem
+
+
+def verifies_against(path, pem):
+    """True if a signature of ``path`` chains to the certificate in ``pem`` (``sbverify --cert``)."""
+    proc = subprocess.run(["sbverify", "--cert", pem, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          check=False)
+    return proc.returncode == 0
+
+
+UNSIGNED_KERNEL_HELP = ("Use the signed kernel of Debian's linux-image-amd64 (the ramdisk build's vmlinuz), "
+                        "or build a stick that boots only with Secure Boot off (uefi_loader: systemd-boot)")
+
+
+def check_secure_boot_chain(files):
+    """Check shim, MokManager, GRUB and the kernel the way Secure Boot will, before anything is written.
+
+    ``files`` is {"shim", "mokmanager", "grub", "kernel": host path}. Returns {role: {path, signed,
+    signers, issuers, verified_by}}; raises StickError, saying what to do, when the chain would not boot.
+    """
+    report = {}
+    for role, path in files.items():
+        try:
+            listing = sbverify_list(path)
+        except StickError as exc:
+            raise StickError("the %s %s is not a PE/COFF (EFI) image Secure Boot can check (%s). %s"
+                             % (role, path, exc, UNSIGNED_KERNEL_HELP)) from None
+        report[role] = dict(parse_sbverify_list(listing), path=path)
+    shim = report["shim"]
+    microsoft = sorted(set(shim["issuers"]) & set(MICROSOFT_UEFI_CAS))
+    if not shim["signed"] or not microsoft:
+        raise StickError("shim %s is not signed by Microsoft's UEFI CA (issuers: %s); reinstall shim-signed"
+                         % (files["shim"], ", ".join(shim["issuers"]) or "none"))
+    shim["verified_by"] = "issuer name " + " / ".join(microsoft)
+    with tempfile.TemporaryDirectory(prefix="stiefel-sb-") as tmp:
+        pem = shim_vendor_cert_pem(files["shim"], tmp)
+        subject = run(["openssl", "x509", "-noout", "-subject", "-nameopt", "compat", "-in", pem]).decode()
+        vendor = _common_name(subject.split("=", 1)[-1])
+        for role in ("mokmanager", "grub", "kernel"):
+            entry = report[role]
+            if not entry["signed"]:
+                raise StickError("the %s %s is not signed (sbverify --list: no signature table), so Secure "
+                                 "Boot would refuse it. %s" % (role, entry["path"], UNSIGNED_KERNEL_HELP))
+            if not verifies_against(entry["path"], pem):
+                raise StickError("the %s %s is signed by %s, which does not chain to %s (the only key this "
+                                 "stick's shim trusts besides the firmware's), so Secure Boot would refuse it. "
+                                 "%s" % (role, entry["path"], ", ".join(entry["signers"]) or "an unknown key",
+                                         vendor, UNSIGNED_KERNEL_HELP))
+            entry["verified_by"] = vendor + " (shim's vendor certificate)"
+    return report
+
+
+def secure_boot_summary(report):
+    """One printable line per checked file: who signed it and what that was verified against."""
+    if not report:
+        return ["not checked (systemd-boot, boots with Secure Boot off only)"]
+    return ["%s signed by %s, verified by %s" % (role, (entry["signers"] or ["nobody"])[0], entry["verified_by"])
+            for role, entry in report.items()]
 
 
 def fat32_cluster_sectors(sectors):
@@ -290,7 +470,7 @@ def build_image(spec, image, log=None):
          "-i", volid, "-h", str(ESP_START // SECTOR),
          "--offset=%d" % (ESP_START // SECTOR), image, str(spec.esp_size // 1024)])
     target = _mtools_target(image)
-    for directory in ("EFI", "EFI/BOOT", "loader", "loader/entries", "syslinux", "stiefel"):
+    for directory in spec.esp_directories():
         run(["mmd", "-i", target, "::/" + directory])
     log("installing syslinux (legacy BIOS)")
     run(["syslinux", "--offset", str(ESP_START), "--directory", "/syslinux", "--install", image])

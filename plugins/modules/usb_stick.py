@@ -8,14 +8,21 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: usb_stick
-short_description: Write the stiefel client USB stick (UEFI + legacy BIOS) to a device or image file
+short_description: Write the stiefel client USB stick (UEFI with Secure Boot, legacy BIOS) to a device or image file
 version_added: "0.1.0"
 description:
   - Lays out a GPT disk with one EFI system partition (FAT32, GPT attribute LegacyBIOSBootable)
-    holding systemd-boot as C(EFI/BOOT/BOOTX64.EFI) for UEFI and syslinux (C(gptmbr.bin) in the
+    holding the UEFI loader (see I(uefi_loader)) and syslinux (C(gptmbr.bin) in the
     protective MBR) for legacy BIOS, the stiefel kernel and initrd, the client command line, and
     the key as C(/stiefel/key.cpio), loaded as a second initrd so the running client has it as
     C(/etc/stiefel/key) (mode 0600, root) and never on a command line.
+  - With I(uefi_loader=shim) (the default) the stick boots with Secure Boot on and off - Debian's
+    shim (signed by Microsoft) as C(EFI/BOOT/BOOTX64.EFI), Debian's signed GRUB as
+    C(EFI/BOOT/grubx64.efi) with C(EFI/BOOT/grub.cfg), and MokManager. No fallback loader
+    (C(fbx64.efi)), so the stick never adds boot entries to the computer's firmware. Before anything is
+    written the module checks the signatures with C(sbverify) - shim by Microsoft's UEFI CA, GRUB,
+    MokManager and the kernel against the CA certificate in shim (Debian's) - and fails, saying
+    what to do, for an unsigned kernel or one signed by another key.
   - The stick is built as a sparse image in I(work_dir) for the exact size of the target, then its
     laid-out regions are copied to the target, synced, and read back to compare SHA-256.
   - B(Destroys the target.) Refuses partitions, mounted disks, disks with mounted partitions, the disk
@@ -48,6 +55,15 @@ options:
     description: Appended to C(console=tty0 console=ttyS0,115200 stiefel.role=client).
     type: str
     default: ""
+  uefi_loader:
+    description:
+      - C(shim) - shim + signed GRUB, boots with Secure Boot on or off; needs a kernel signed by Debian
+        (the ramdisk's kernel from C(linux-image-amd64) is).
+      - C(systemd-boot) - unsigned systemd-boot, boots only with Secure Boot off; for a kernel without
+        Debian's signature (a self-built one).
+    type: str
+    choices: [shim, systemd-boot]
+    default: shim
   esp_size_mib:
     description: Size of the EFI system partition in MiB (at least 64).
     type: int
@@ -81,7 +97,9 @@ attributes:
     description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 requirements:
-  - sfdisk, mkfs.fat (dosfstools), mtools, syslinux, systemd-boot-efi on the host that writes the stick
+  - sfdisk, mkfs.fat (dosfstools), mtools, syslinux on the host that writes the stick
+  - for I(uefi_loader=shim) shim-signed, grub-efi-amd64-signed, sbsigntool, binutils (objcopy) and openssl
+  - for I(uefi_loader=systemd-boot) systemd-boot-efi
 author:
   - stiefel.system developers (@stiefel-system)
 """
@@ -113,7 +131,10 @@ target:
   returned: always
   type: dict
 plan:
-  description: Layout, bootloaders, command line and ESP files (sizes, sources; no secrets).
+  description:
+    - Layout, bootloaders, command line and ESP files (sizes, sources; no secrets).
+    - C(secure_boot) holds, for shim, MokManager, GRUB and the kernel, their signers and issuers as
+      C(sbverify --list) shows them and what each was verified against (empty for C(systemd-boot)).
   returned: when the inputs are valid
   type: dict
 reason:
@@ -177,6 +198,7 @@ def main():
             initrd=dict(type="path", required=True),
             key_path=dict(type="path", required=True, no_log=False),
             extra_cmdline=dict(type="str", default=""),
+            uefi_loader=dict(type="str", default="shim", choices=["shim", "systemd-boot"]),
             esp_size_mib=dict(type="int", default=256),
             image_size=dict(type="str", default=""),
             work_dir=dict(type="path", required=True),
@@ -211,7 +233,8 @@ def main():
             key_text = handle.read(4096)
     except OSError as exc:
         fail("cannot read the key file %s: %s" % (p["key_path"], exc.strerror))
-    spec = StickSpec(p["kernel"], p["initrd"], key_text, p["extra_cmdline"], p["esp_size_mib"], info.size)
+    spec = StickSpec(p["kernel"], p["initrd"], key_text, p["extra_cmdline"], p["esp_size_mib"], info.size,
+                     uefi_loader=p["uefi_loader"])
     try:
         spec.validate()
         result["plan"] = spec.plan()

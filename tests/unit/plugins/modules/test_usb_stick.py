@@ -43,7 +43,7 @@ def inputs(tmp_path):
     key.write_bytes(KEY)
     key.chmod(0o600)
     return {"kernel": str(kernel), "initrd": str(initrd), "key_path": str(key),
-            "work_dir": str(tmp_path / "work"), "esp_size_mib": 64}
+            "work_dir": str(tmp_path / "work"), "esp_size_mib": 64, "uefi_loader": "systemd-boot"}
 
 
 # --------------------------------------------------------------------------- usb_target
