@@ -21,7 +21,6 @@ Pieces, each usable alone (unit tests drive them without sockets):
 from __future__ import annotations
 
 import argparse
-import http.server
 import os
 import re
 import secrets
@@ -35,7 +34,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ServerError, StiefelError
-from stiefel_runtime import discovery, messages, payload, server_config
+from stiefel_runtime import discovery, httpserve, messages, payload, server_config
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
@@ -156,7 +155,7 @@ def write_placeholder_psk(path):
 def make_handler(state: ServerState, console):
     """The request handler class bound to ``state``."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(httpserve.PrefetchedRequestHandler):
         server_version = "stiefel-server"
         sys_version = ""
         protocol_version = "HTTP/1.0"
@@ -254,17 +253,39 @@ def make_handler(state: ServerState, console):
             self.end_headers()
             self.wfile.write(body)
 
+    Handler.console = console
     return Handler
 
 
-class DualStackServer(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-    allow_reuse_address = True
+class DualStackServer(httpserve.BoundedHTTPServer):
+    """The payload port (:class:`~stiefel_runtime.httpserve.BoundedHTTPServer`), its refusals on the console.
 
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
+    The agent adds a listener per link in use; given ``address`` (``(host, port)``: tests, tools) it
+    listens there at once and ``server_address`` is ``(host, bound port)``.
+    """
+
+    def __init__(self, address=None, handler_class=None, console=None, limits=None):
+        if console is None:
+            console = getattr(handler_class, "console", None)  # make_handler's
+        super().__init__(handler_class, limits=limits, log_drop=console.drop if console is not None else None,
+                         log=console if console is not None else quiet_log)
+        self.server_address = None
+        if address is not None:
+            self.server_address = (address[0], self.listen("address", address[0], address[1]))
+
+
+def listening_socket(host, port, scope_id, backlog=128):
+    """A TCP socket listening on ``[host%scope_id]:port`` only (IPv6, for nbdkit's socket activation)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port, 0, scope_id))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 # ------------------------------------------------------------------ the agent
@@ -303,6 +324,10 @@ class ServerAgent(object):
         self._stop = False
         self._last_power = (0, "")
         self._nbd_peers = set()
+        self._nbd_disk = None  # the resolved disk, once start_nbd has checked it
+        self._nbd_keys = None  # the (ifindex, address) pairs nbdkit listens on
+        self._nbd_deferred = False
+        self._listen_failed = set()
 
     # -- /boot
     def _mount_point(self):
@@ -365,27 +390,133 @@ class ServerAgent(object):
 
     # -- NBD
     def start_nbd(self):
+        """Check the disk and make this run's PSK; nbdkit starts once a link in use has its address."""
         if not self.disk:
             self.console("no stiefel.disk= given: not serving a disk over NBD")
             return
         disk = resolve_device(self.disk, log=self.console)
-        if not os.path.exists(self.state.psk_path):
-            write_placeholder_psk(self.state.psk_path)
-        prio = nbd_export.write_gnutls_priority_file(os.path.join(self.run_dir, "nbd-gnutls.conf"))
-        settings = nbd_export.ExportSettings(path=disk, name=self.state.export_name, port=self.state.nbd_port,
-                                             tls_psk_file=self.state.psk_path)
-        self.nbd = nbd_export.spawn_foreground(settings, prio, stdin=subprocess.DEVNULL)
-        self.console("serving %s (%.1f GB) over NBD port %d, export %r, TLS-PSK AES-GCM, flush+FUA (nbdkit pid %d)" % (
-            disk, nbd_export.source_size(disk) / 1e9, self.state.nbd_port, self.state.export_name, self.nbd.pid))
+        # Always a fresh one: a run directory that is not tmpfs still holds the last run's session PSK.
+        write_placeholder_psk(self.state.psk_path)
+        self._nbd_disk = disk
+        self._sync_nbd(self._wanted_listeners())
+
+    def _spawn_nbd(self, wanted):
+        """nbdkit on sockets bound to the link-local address of each link in use (socket activation)."""
+        socks, where = [], []
+        for index, address in sorted(wanted):
+            try:
+                socks.append(listening_socket(address, self.state.nbd_port, index))
+                where.append("[%s%%%s]:%d" % (address, wanted[(index, address)], self.state.nbd_port))
+            except OSError as exc:
+                if ("nbd", index, address) not in self._listen_failed:
+                    self._listen_failed.add(("nbd", index, address))
+                    self.console("cannot listen for NBD on %s%%%s: %s" % (address, wanted[(index, address)], exc))
+        if not socks:
+            return
+        try:
+            prio = nbd_export.write_gnutls_priority_file(os.path.join(self.run_dir, "nbd-gnutls.conf"))
+            settings = nbd_export.ExportSettings(path=self._nbd_disk, name=self.state.export_name,
+                                                 port=self.state.nbd_port, tls_psk_file=self.state.psk_path)
+            self.nbd = nbd_export.spawn_foreground(settings, prio, listen_sockets=socks, log_attempts=True,
+                                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            for sock in socks:
+                sock.close()  # nbdkit has them now
+        self._nbd_keys = sorted(wanted)
+        self._nbd_deferred = False
+        threading.Thread(target=self._watch_nbd_log, args=(self.nbd.stderr,), name="nbdkit-log", daemon=True).start()
+        self.console("serving %s (%.1f GB) over NBD on %s, export %r, TLS-PSK AES-GCM, flush+FUA (nbdkit pid %d)" % (
+            self._nbd_disk, nbd_export.source_size(self._nbd_disk) / 1e9, ", ".join(where), self.state.export_name,
+            self.nbd.pid))
+
+    def _watch_nbd_log(self, stream):
+        """nbdkit's stderr: refused attempts become (rate-limited) drops, its other messages console lines."""
+        last = None
+        try:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                found = nbd_export.refused_attempt(line)
+                if found is not None:
+                    number, reason = found
+                    if number != last:  # a plaintext client is refused once per option it tries
+                        self.console.drop("nbd port %d" % self.state.nbd_port, "connection #%d: %s" % (number, reason))
+                        last = number
+                elif ": debug: " not in line and line.strip():
+                    self.console("nbdkit: %s" % line[:300])
+        except (OSError, ValueError):
+            pass
+        finally:
+            stream.close()
+
+    def _stop_nbd(self):
+        if self.nbd is not None:
+            nbd_export.stop_pid(self.nbd.pid)
+            self.nbd.wait()
+            self.nbd = None
+        self._nbd_keys = None
+
+    def _sync_nbd(self, wanted):
+        if self._nbd_disk is None or not wanted:
+            return
+        if self.nbd is not None and sorted(wanted) == self._nbd_keys:
+            return
+        if self.nbd is not None:
+            if tcp_peers(self.state.nbd_port):
+                if not self._nbd_deferred:
+                    self._nbd_deferred = True
+                    self.console("the links in use changed; nbdkit moves to them once no NBD client is attached")
+                return
+            self.console("the links in use changed: restarting nbdkit on them")
+            self._stop_nbd()
+        try:
+            self._spawn_nbd(wanted)
+        except (StiefelError, OSError) as exc:
+            self.console("cannot start nbdkit: %s" % exc)
+            if self.strict:
+                raise
 
     def _check_nbd(self):
         if self.nbd is not None and self.nbd.poll() is not None:
             self.console("nbdkit exited (rc=%s): restarting it" % self.nbd.returncode)
             self.nbd = None
+            self._nbd_keys = None
             try:
-                self.start_nbd()
+                self._sync_nbd(self._wanted_listeners())
             except (StiefelError, OSError) as exc:
                 self.console("cannot restart nbdkit: %s" % exc)
+
+    # -- where HTTP and NBD listen
+    def listen_filter(self):
+        """A predicate on links, or None: every link the ramdisk manages is one discovery answers on."""
+        return None
+
+    def _wanted_listeners(self):
+        """``{(ifindex, link-local address): ifname}`` of the links in use (ready and selected)."""
+        if self.links is None:
+            return {}
+        selected = self.listen_filter()
+        return {(link.index, link.link_local): link.ifname for link in self.links.ready_links()
+                if selected is None or selected(link)}
+
+    def sync_listeners(self):
+        """HTTP and NBD follow the links in use: bound to each one's link-local address, nothing else."""
+        wanted = self._wanted_listeners()
+        if self.http is not None:
+            have = set(self.http.listening())
+            for key in sorted(have - set(wanted)):
+                self.http.unlisten(key)
+                self.console("payload no longer on HTTP [%s%%%d]:%d (link gone)" % (
+                    key[1], key[0], self.state.http_port))
+            for key in sorted(set(wanted) - have):
+                try:
+                    self.http.listen(key, key[1], self.state.http_port, key[0])
+                except OSError as exc:
+                    if ("http",) + key not in self._listen_failed:
+                        self._listen_failed.add(("http",) + key)
+                        self.console("cannot listen for HTTP on %s%%%s: %s" % (key[1], wanted[key], exc))
+                    continue
+                self.console("payload on HTTP [%s%%%s]:%d" % (key[1], wanted[key], self.state.http_port))
+        self._sync_nbd(wanted)
 
     # -- status
     def status_line(self):
@@ -450,8 +581,11 @@ class ServerAgent(object):
                 self.close()
                 raise
             self.console("cannot serve the disk: %s" % exc)
-        self.http = DualStackServer(("::", self.state.http_port), make_handler(self.state, self.console))
+        limits = httpserve.Limits.for_fd_limit(httpserve.raise_fd_limit())
+        self.http = DualStackServer(handler_class=make_handler(self.state, self.console), console=self.console,
+                                    limits=limits)
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        self.sync_listeners()
         self.sock = discovery.open_listen_socket(self.discovery_port)
         self.console.marker("ready")
         self.console("answering discovery on UDP %d, payload on HTTP %d, key id %s" % (
@@ -475,6 +609,8 @@ class ServerAgent(object):
                 readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], timeout)
                 if self.links.fileno() in readable:
                     self.links.process()
+                    self.sync_listeners()  # before any datagram: an OFFER names ports that must be listening
+                self.console.tick()
                 if self.sock in readable:
                     for data, host, port, scope in discovery.drain(self.sock, self.console.drop):
                         self.handle_datagram(data, host, port, scope)
@@ -489,10 +625,7 @@ class ServerAgent(object):
             self.http.shutdown()
             self.http.server_close()
             self.http = None
-        if self.nbd is not None:
-            nbd_export.stop_pid(self.nbd.pid)
-            self.nbd.wait()
-            self.nbd = None
+        self._stop_nbd()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -541,6 +674,9 @@ class StandaloneServer(ServerAgent):
 
     def prepare_boot(self):
         """Done in :meth:`run` already, where a failure stops the server."""
+
+    def listen_filter(self):
+        return self.selected
 
     def start_nbd(self):
         self.check_disk()  # again: /boot was mounted in between, and time passed

@@ -55,6 +55,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -174,28 +175,35 @@ class ExportSettings:
 # ---------------------------------------------------------------- server argv
 
 def server_argv(settings: ExportSettings, *, foreground: bool = True, pidfile: str | None = None,
-                nbdkit: str = "nbdkit", debug_tls: bool = False, verbose: bool = False) -> list:
+                nbdkit: str = "nbdkit", debug_tls: bool = False, verbose: bool = False,
+                socket_activation: bool = False, log_attempts: bool = False) -> list:
     """The nbdkit command line serving ``settings``.
 
     ``foreground`` keeps nbdkit attached (agents, tests, benches); otherwise
     it daemonizes once its sockets are bound and writes ``pidfile``.
     ``debug_tls`` adds ``-D nbdkit.tls.session=1`` so the negotiated cipher
-    is logged on stderr.
+    is logged on stderr. ``socket_activation``: nbdkit serves the listening
+    sockets it is handed (``LISTEN_FDS``, see :func:`spawn_foreground`)
+    instead of binding ``address``/``port`` itself. ``log_attempts``: the
+    negotiation messages that show a refused attempt (plaintext, failed TLS
+    handshake) on stderr, for :func:`refused_attempt` (the data path stays
+    quiet).
     """
     argv = [nbdkit]
     if foreground:
         argv.append("--foreground")
     if pidfile:
         argv += ["--pidfile", pidfile]
-    if verbose:
+    quiet = debug_tls or log_attempts
+    if verbose or quiet:  # debug messages need --verbose
         argv.append("--verbose")
-    if debug_tls:  # debug messages need --verbose; keep the per-request ones quiet
-        if not verbose:
-            argv.append("--verbose")
-        argv += ["-D", "nbdkit.tls.session=1", "-D", "nbdkit.backend.datapath=0",
-                 "-D", "nbdkit.backend.controlpath=0"]
-    argv += ["--ipaddr", settings.address, "--port", str(settings.port),
-             "--threads", str(settings.threads), "--newstyle"]
+    if debug_tls:
+        argv += ["-D", "nbdkit.tls.session=1"]
+    if quiet:  # keep the per-request debug messages quiet
+        argv += ["-D", "nbdkit.backend.datapath=0", "-D", "nbdkit.backend.controlpath=0"]
+    if not socket_activation:
+        argv += ["--ipaddr", settings.address, "--port", str(settings.port)]
+    argv += ["--threads", str(settings.threads), "--newstyle"]
     if settings.read_only:
         argv.append("--readonly")
     if settings.tls_psk_file:
@@ -265,12 +273,67 @@ def write_gnutls_priority_file(path: str) -> str:
     return path
 
 
+# Socket activation needs LISTEN_PID to be nbdkit's own PID and the sockets at fds 3, 4, ...: set in the
+# child between fork and exec by this exec shim (a shell cannot name fds above 9 portably, and a
+# preexec_fn is unsafe in a threaded agent).
+_ACTIVATION_SHIM = (
+    "import fcntl, os, sys\n"
+    "fds = [int(fd) for fd in sys.argv[1].split(',')]\n"
+    "high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]\n"
+    "for fd in fds: os.close(fd)\n"
+    "for number, fd in enumerate(high): os.dup2(fd, 3 + number); os.close(fd)\n"
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
 def spawn_foreground(settings: ExportSettings, priority_file: str | None = None, *,
-                     debug_tls: bool = False, **popen_kwargs) -> subprocess.Popen:
-    """Start nbdkit in the foreground (for agents and benches); the caller owns it."""
-    argv = server_argv(settings, foreground=True, debug_tls=debug_tls)
+                     debug_tls: bool = False, listen_sockets=None, log_attempts: bool = False,
+                     python: str | None = None, **popen_kwargs) -> subprocess.Popen:
+    """Start nbdkit in the foreground (for agents and benches); the caller owns it.
+
+    ``listen_sockets``: bound, listening sockets nbdkit serves (socket
+    activation), e.g. one per link-local address of the links in use;
+    ``settings.address``/``port`` are then not bound by nbdkit.
+    """
+    argv = server_argv(settings, foreground=True, debug_tls=debug_tls, socket_activation=bool(listen_sockets),
+                       log_attempts=log_attempts)
     env = server_env(settings, priority_file, popen_kwargs.pop("env", None))
+    if listen_sockets:
+        fds = [sock.fileno() for sock in listen_sockets]
+        argv = [python or sys.executable, "-c", _ACTIVATION_SHIM, ",".join(map(str, fds))] + argv
+        popen_kwargs["pass_fds"] = tuple(popen_kwargs.get("pass_fds", ())) + tuple(fds)
     return subprocess.Popen(argv, env=env, **popen_kwargs)  # pylint: disable=consider-using-with
+
+
+_TLS_REQUIRED = re.compile(r"\A(?:nbdkit: )?\S*\w\[(\d+)\]: debug: replying to (NBD_OPT_\w+) with NBD_REP_ERR_TLS_REQD")
+_HANDSHAKE_FAILED = re.compile(r"\A(?:nbdkit: )?\S*\w\[(\d+)\]: error: gnutls_handshake: (.*?)(?: \(-?\d+/-?\d+\))?\s*\Z")
+_CONN_ERROR = re.compile(r"\A(?:nbdkit: )?\S*\w\[(\d+)\]: error: (.*?)\s*\Z")
+
+
+def refused_attempt(line: str):
+    """``(connection number, reason)`` when an nbdkit log line shows a refused connection attempt, else None.
+
+    nbdkit (``log_attempts``) says ``file[3]: debug: replying to NBD_OPT_GO
+    with NBD_REP_ERR_TLS_REQD`` for a plaintext client, ``file[4]: error:
+    gnutls_handshake: An illegal parameter has been received`` for a wrong
+    PSK, and names no peer address.
+    """
+    match = _TLS_REQUIRED.match(line)
+    if match:
+        return int(match.group(1)), "plaintext NBD refused (%s without TLS; TLS-PSK is required)" % match.group(2)
+    match = _HANDSHAKE_FAILED.match(line)
+    if match:
+        reason = match.group(2)
+        if "SNI" in reason:
+            reason += " (a libnbd client given an IPv6 address sends it as the TLS server name: use qemu-img, " \
+                      "see the README)"
+        elif "illegal parameter" in reason or "decryption" in reason.lower():
+            reason += " (wrong or stale PSK)"
+        return int(match.group(1)), "TLS handshake failed: %s" % reason[:200]
+    match = _CONN_ERROR.match(line)
+    if match:
+        return int(match.group(1)), "connection failed: %s" % match.group(2)[:200]
+    return None
 
 
 def host_for_uri(address: str) -> str:

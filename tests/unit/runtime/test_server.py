@@ -289,3 +289,63 @@ def test_malformed_http_is_logged_and_server_keeps_serving(http_server):
     state.locked = False
     offer = open_session(state)
     assert request(port, "GET", "/payload/%s/%s" % (offer.client_nonce.hex(), offer.session_nonce.hex()))[0] == 200
+
+
+def test_control_characters_in_a_path_reach_the_console_escaped(http_server):
+    import socket
+
+    _state, port, console, _unlocked = http_server
+    sock = socket.create_connection(("::1", port))
+    sock.sendall(b"GET /\x1b[2J\x1b]0;owned\x07/\x1b[31m\xc2\x9b HTTP/1.0\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.0 404")
+    sock.close()
+    text = console.stream.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "GET /\\x1b[2J\\x1b]0;owned\\x07/\\x1b[31m" in text
+
+
+def test_junk_datagram_flood_is_summarised_not_logged_one_by_one(tmp_path):
+    out = io.StringIO()
+    agent = server.ServerAgent(KEY, Console("stiefel-server", stream=out, timer=False), run_dir=str(tmp_path))
+    for number in range(5000):
+        agent.handle_datagram(os.urandom(1 + number % 200), "fe80::bad", 61570, 2)
+    assert agent.console.dropped == 5000
+    assert out.getvalue().count("\n") <= 20
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("nbdkit: file[3]: debug: replying to NBD_OPT_GO with NBD_REP_ERR_TLS_REQD",
+     (3, "plaintext NBD refused (NBD_OPT_GO without TLS; TLS-PSK is required)")),
+    ("nbdkit: file[4]: error: gnutls_handshake: An illegal parameter has been received. (1/-1)",
+     (4, "TLS handshake failed: An illegal parameter has been received. (wrong or stale PSK)")),
+    ("nbdkit: exportname[7]: error: gnutls_handshake: A disallowed SNI server name has been received. (1/-1)",
+     (7, "TLS handshake failed: A disallowed SNI server name has been received. (a libnbd client given an IPv6 "
+         "address sends it as the TLS server name: use qemu-img, see the README)")),
+    ("nbdkit: file[9]: error: read: Connection reset by peer", (9, "connection failed: read: Connection reset by peer")),
+    ("nbdkit: debug: accepted connection", None),
+    ("nbdkit: file[3]: debug: starting TLS handshake", None),
+    ("nbdkit: file[3]: debug: TLS handshake completed", None),
+])
+def test_refused_nbd_attempts_from_nbdkits_log(line, expected):
+    from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
+
+    assert nbd_export.refused_attempt(line) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400))
+def test_nbdkit_log_parser_takes_any_line(line):
+    from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
+
+    found = nbd_export.refused_attempt(line)
+    assert found is None or (isinstance(found[0], int) and len(found[1]) < 400)
+
+
+def test_nbdkit_socket_activation_argv():
+    from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
+
+    settings_ = nbd_export.ExportSettings(path="/srv/d.img", tls_psk_file="/run/stiefel/nbd.psk")
+    argv = nbd_export.server_argv(settings_, socket_activation=True, log_attempts=True)
+    assert "--ipaddr" not in argv and "--port" not in argv
+    assert "--verbose" in argv and "nbdkit.backend.datapath=0" in argv
+    assert "--ipaddr" in nbd_export.server_argv(settings_)
