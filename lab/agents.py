@@ -30,9 +30,10 @@ class Agent(object):
 
     def __init__(self, ns, argv, log_path, netns=None):
         self.log_path = log_path
-        # open for the agent's whole life: closed in stop()
+        # The log file and the process live as long as the agent: stop() ends the process (by PID) and closes
+        # the file, so neither fits a with block.
         self.log = open(log_path, "w+", encoding="utf-8")  # noqa: SIM115  pylint: disable=consider-using-with
-        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with  (stopped by PID in stop())
+        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
             ns.exec_argv(netns or ns.server, *argv), stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
 
     def text(self):

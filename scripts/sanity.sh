@@ -38,20 +38,14 @@ if [ ! -x "$ANSIBLE_TEST" ]; then
     exit 1
 fi
 
-# Which sanity tests run (ansible-test 2.19 offers 23 for a collection):
-#
-# Pass 1, over every file of the collection: all tests except
-#   pslint  : PowerShell lint; the collection has no PowerShell and pwsh is
-#             not installed (ansible-test would only skip it with a warning).
-#   pylint  : run in pass 2 on a narrower scope, see there.
-# Pass 2: pylint on plugins/ only (modules and module_utils: the code that
-#   runs as Ansible modules and on targets). There ansible-core's pylint
-#   configuration and plugins matter (no print() in module_utils, guarded
-#   imports, deprecated APIs). Not on tests/, lab/, agents/, bin/ etc.: that
-#   code never runs as a module, and ansible-core's collection config would
-#   only impose its house style on it (bans the name `_`, demands check= on
-#   every subprocess.run). pep8, compile, shebang, line-endings, ... still
-#   cover those files in pass 1.
+# Which sanity tests run (ansible-test 2.19 offers 23 for a collection): all
+# but pslint (PowerShell lint; the collection has no PowerShell and pwsh is
+# not installed, ansible-test would only skip it with a warning), on every
+# file of the collection. pylint included: the modules and module_utils, and
+# the code that never runs as a module too (stiefel_runtime/, agents/, lab/,
+# bin/stiefelctl, bench/, tests/), under ansible-core's collection
+# configuration (no `_` as a name, check= on every subprocess.run, ...):
+# one style for all the Python here.
 #
 # tests/sanity/ignore-2.19.txt holds the justified exceptions, each with its
 # reason after '#'. ansible-lint's production profile (rule `sanity`) allows
@@ -60,10 +54,8 @@ fi
 # must be fixed in the code or disabled inline instead.
 #
 # With extra arguments (e.g. --test pep8), one ansible-test run with exactly
-# those arguments replaces the two passes.
-PASS1_SKIP=(pslint pylint)
-PASS2_TEST=pylint
-PASS2_TARGETS=(plugins/)
+# those arguments replaces the default run.
+SKIP_TESTS=(pslint)
 
 # ---- 1. the get-pip stand-in in ansible-test's cache -------------------------
 pip_version=$("$here/.venv/bin/python" - <<'EOF'
@@ -130,11 +122,9 @@ if [ "$#" -gt 0 ]; then
     run_ansible_test "$@" || rc=$?
 else
     skip_args=()
-    for t in "${PASS1_SKIP[@]}"; do skip_args+=(--skip-test "$t"); done
-    log "pass 1/2: every test but ${PASS1_SKIP[*]}, on the whole collection"
+    for t in "${SKIP_TESTS[@]}"; do skip_args+=(--skip-test "$t"); done
+    log "every test but ${SKIP_TESTS[*]}, on the whole collection"
     run_ansible_test "${skip_args[@]}" || rc=$?
-    log "pass 2/2: $PASS2_TEST on ${PASS2_TARGETS[*]}"
-    run_ansible_test --test "$PASS2_TEST" "${PASS2_TARGETS[@]}" || rc=$?
 fi
 if [ "$rc" -eq 0 ]; then
     log "PASSED"

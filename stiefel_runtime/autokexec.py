@@ -36,7 +36,6 @@ import json
 import os
 import re
 import select
-import sys
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError

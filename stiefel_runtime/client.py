@@ -21,7 +21,6 @@ import json
 import os
 import select
 import socket
-import sys
 import termios
 import time
 

@@ -168,7 +168,7 @@ class Qemu:
 def test_boot_client_role_in_qemu(built, tmp_path):
     vm = Qemu("console=ttyS0 stiefel.role=client panic=-1", tmp_path / "console.log")
     try:
-        _, took = vm.wait_for("stiefel-ramdisk: starting role=client")
+        _idx, took = vm.wait_for("stiefel-ramdisk: starting role=client")
         print("QEMU TCG: 'starting role=client' after %.1f s" % took)
     finally:
         vm.close()
@@ -185,8 +185,8 @@ def test_shell_role_hardware_and_tools(built, tmp_path):
         time.sleep(1)
         # markers are split with "" so the console's echo of the command does not match
         vm.send("echo MO\"\"DS $(cut -d' ' -f1 /proc/modules | tr '\\n' ,) EN\"\"D")
-        idx, _ = vm.wait_for("MODS ", timeout=60)
-        end, _ = vm.wait_for(" END", timeout=60, since=idx)
+        idx, _took = vm.wait_for("MODS ", timeout=60)
+        end, _took = vm.wait_for(" END", timeout=60, since=idx)
         mods = vm.buf[idx + 5:end].split(",")
         assert "virtio_net" in mods and "e1000e" in mods, mods
         vm.send("python3 -c 'import cryptography, pyroute2, sys; "
@@ -194,8 +194,8 @@ def test_shell_role_hardware_and_tools(built, tmp_path):
                 "print(\"PY\" + \"-OK\", cryptography.__version__, sys.version_info[:2])'")
         vm.wait_for("PY-OK", timeout=120)
         vm.send("echo KX\"\"1 $(kexec --version 2>&1 | head -n1) $(nbdkit nbd --version 2>&1 | head -n1) KX\"\"2")
-        idx, _ = vm.wait_for("KX1 ", timeout=60)
-        end, _ = vm.wait_for("KX2", timeout=60, since=idx)
+        idx, _took = vm.wait_for("KX1 ", timeout=60)
+        end, _took = vm.wait_for("KX2", timeout=60, since=idx)
         line = vm.buf[idx:end]
         assert "kexec-tools" in line and "nbdkit" in line, line
         vm.send("mountpoint -q /run && test -d /run/stiefel && echo RUN-TMPFS-\"\"OK")

@@ -18,6 +18,7 @@ Run as root: .venv/bin/python -m pytest -m integration tests/integration/test_us
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -131,7 +132,7 @@ def run_playbook(extra, check=False, expect_rc=0):
         argv.append("--check")
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"))
+                          env=dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"), check=False)
     print("flash_usb.yml device=%s confirm=%s%s: rc=%d in %.1fs"
           % (extra.get("device"), extra.get("confirm", "(none)"), " --check" if check else "",
              proc.returncode, time.monotonic() - start))
@@ -463,7 +464,7 @@ def test_module_itself_refuses_mounted_disk(payload, workdir, loopdisk):
             % (loopdisk.dev, loopdisk.dev, payload["kernel"], payload["initrd"], payload["key_path"],
                os.path.join(workdir, "build")))
     proc = subprocess.run([os.path.join(REPO, ".venv/bin/ansible"), "localhost", "-m", "stiefel.system.usb_stick",
-                           "-a", args], cwd=REPO, capture_output=True, text=True)
+                           "-a", args], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "is in use: mounted" in proc.stdout, proc.stdout
     assert device_sha(loopdisk.dev) == before
 
