@@ -97,6 +97,10 @@ def _forbidden(name):
             or name.endswith(FORBIDDEN_SUFFIXES))
 
 
+def _member_name(member):
+    return member.name[2:] if member.name.startswith("./") else member.name
+
+
 def _tracked_runtime_files():
     """Tracked files of the run-time directories that exist in the work tree (relative paths)."""
     out = subprocess.run(["git", "-C", REPO, "ls-files", "--"] + list(RUNTIME_DIRS), capture_output=True,
@@ -109,11 +113,8 @@ def _tracked_runtime_files():
 def test_tarball_has_the_runtime_and_no_checkout_debris(installed):
     with tarfile.open(installed.tarball) as tar:
         members = tar.getmembers()
-    def name(member):
-        return member.name[2:] if member.name.startswith("./") else member.name
-
-    names = {name(m) for m in members}
-    files = {name(m) for m in members if m.isfile()}
+    names = {_member_name(m) for m in members}
+    files = {_member_name(m) for m in members if m.isfile()}
     log("tarball: %d entries, %d files, %d bytes unpacked"
         % (len(members), len(files), sum(m.size for m in members if m.isfile())))
     assert sorted(n for n in names if _forbidden(n)) == []
