@@ -26,7 +26,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, messages, payload
+from stiefel_runtime import discovery, kexec, lockdown, messages, payload
 from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, EXIT_FAILED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, stdout_log, strip_stiefel_options
 from stiefel_runtime.netlink import LinkManager
 
@@ -235,6 +235,7 @@ class ClientAgent(object):
         manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console)
         elapsed = time.monotonic() - started
         self.console.marker("payload verified")
+        lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
         self.console("payload: %.1f MB in %.2f s (%.1f MB/s)" % (
             manifest.total_size / 1e6, elapsed, manifest.total_size / 1e6 / max(elapsed, 1e-6)))
         cmdline = hook_cmdline(manifest.cmdline, link.mac, offer.address, offer.message.nbd_port or 10809,

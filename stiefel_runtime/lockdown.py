@@ -16,6 +16,7 @@ mokutil, or turn Secure Boot off in the firmware).
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 
@@ -24,6 +25,9 @@ from stiefel_runtime.common import quiet_log
 
 LOCKDOWN_PATH = "/sys/kernel/security/lockdown"
 SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+# The ramdisk's /init mounts neither file system these live on: (type, mount point, file, options).
+SYSFS_MOUNTS = (("securityfs", "/sys/kernel/security", LOCKDOWN_PATH, ()),
+                ("efivarfs", "/sys/firmware/efi/efivars", SECURE_BOOT_VAR, ("-o", "ro")))
 CERT_TABLE_INDEX = 4  # IMAGE_DIRECTORY_ENTRY_SECURITY
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
 MAX_SIGNATURES = 16
@@ -38,7 +42,7 @@ KEXEC_REASONS = (
 )
 
 
-class PEError(ValueError):
+class PEError(StiefelError, ValueError):
     """Not a PE/COFF image, or a malformed one."""
 
 
@@ -69,6 +73,15 @@ def secure_boot_enabled(path=SECURE_BOOT_VAR):
     if len(data) < 5:
         return None
     return data[4] == 1
+
+
+def mount_missing(run=subprocess.run, mounts=SYSFS_MOUNTS):
+    """Mount securityfs / efivarfs where the kernel offers them but nobody mounted them yet."""
+    for fstype, where, probe, options in mounts:
+        if os.path.exists(probe) or not os.path.isdir(where) or os.path.ismount(where):
+            continue
+        run(["mount", "-t", fstype] + list(options) + [fstype, where], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, check=False)
 
 
 def _u16(data, off):
@@ -190,11 +203,13 @@ def refusal_text(reason, signers, secure_boot):
 
 
 def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockdown_path=LOCKDOWN_PATH,
-                 secure_boot_path=SECURE_BOOT_VAR, dry_run=False):
+                 secure_boot_path=SECURE_BOOT_VAR, dry_run=False, mounts=SYSFS_MOUNTS):
     """Raise LockdownRefusal if a locked-down kernel would refuse to kexec ``kernel``; else return.
 
-    Without lockdown this only reads one sysfs file. ``run`` is the subprocess seam.
+    Without lockdown this only reads one sysfs file (mounting securityfs first if need be).
+    ``run`` is the subprocess seam.
     """
+    mount_missing(run, mounts)
     state = lockdown_state(lockdown_path)
     if state in (None, "none"):
         return

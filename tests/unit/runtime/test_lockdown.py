@@ -169,15 +169,46 @@ class FakeKexec:
 @pytest.fixture
 def locked(tmp_path):
     return {"lockdown_path": write(tmp_path, "lockdown", b"none [integrity] confidentiality\n"),
-            "secure_boot_path": write(tmp_path, "SecureBoot", b"\x06\0\0\0\x01")}
+            "secure_boot_path": write(tmp_path, "SecureBoot", b"\x06\0\0\0\x01"), "mounts": ()}
 
 
 def test_no_lockdown_checks_nothing(tmp_path):
     run = FakeKexec()
-    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run,
+    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run, mounts=(),
                           lockdown_path=write(tmp_path, "l", b"[none] integrity confidentiality\n"))
-    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run, lockdown_path=str(tmp_path / "nothing"))
+    lockdown.check_kernel(str(tmp_path / "absent-kernel"), run=run, lockdown_path=str(tmp_path / "nothing"),
+                          mounts=())
     assert run.calls == []
+
+
+@needs_images
+def test_mounts_securityfs_and_efivarfs_when_missing(tmp_path):
+    """The ramdisk mounts neither; lockdown then goes unseen and kexec gives its errno (measured in QEMU)."""
+    security, efivars = tmp_path / "security", tmp_path / "efivars"
+    security.mkdir()
+    efivars.mkdir()
+    lockfile, sbvar = security / "lockdown", efivars / "SecureBoot"
+    mounted = []
+
+    def run(argv, **kwargs):
+        if argv[0] == "mount":  # what mounting makes appear
+            mounted.append(argv)
+            (lockfile if argv[2] == "securityfs" else sbvar).write_bytes(
+                b"none [integrity] confidentiality\n" if argv[2] == "securityfs" else b"\x06\0\0\0\x01")
+            return types.SimpleNamespace(returncode=0, stdout=b"")
+        return FakeKexec()(argv, **kwargs)
+
+    mounts = (("securityfs", str(security), str(lockfile), ()), ("efivarfs", str(efivars), str(sbvar), ("-o", "ro")))
+    with pytest.raises(lockdown.LockdownRefusal, match="Secure Boot is on, and the laptop's kernel carries no"):
+        lockdown.check_kernel(UNSIGNED_SHIM, run=run, lockdown_path=str(lockfile), secure_boot_path=str(sbvar),
+                              mounts=mounts)
+    assert mounted == [["mount", "-t", "securityfs", "securityfs", str(security)],
+                       ["mount", "-t", "efivarfs", "-o", "ro", "efivarfs", str(efivars)]]
+    mounted.clear()
+    with pytest.raises(lockdown.LockdownRefusal):
+        lockdown.check_kernel(UNSIGNED_SHIM, run=run, lockdown_path=str(lockfile), secure_boot_path=str(sbvar),
+                              mounts=mounts)
+    assert mounted == []
 
 
 @needs_images
