@@ -1,7 +1,7 @@
 """Secure Boot (issue 15): the stick boots the real ramdisk with Secure Boot on, and the locked-down client
 refuses a laptop kernel without a signature, clearly, while the server keeps serving.
 
-* flash-usb.yml refuses to build a Secure Boot stick from a kernel whose signature was removed
+* flash_usb.yml refuses to build a Secure Boot stick from a kernel whose signature was removed
   (``sbattach --remove``), with the message saying what to do; nothing is written.
 * One Secure Boot boot (CI cost: TCG with SMM is slow; the plain-UEFI and BIOS boots of the same
   shim + GRUB stick are in test_usb_stick.py): VM "desktop" on q35 with SMM, OVMF_CODE_4M.secboot.fd
@@ -33,8 +33,7 @@ from lab.qemu import (VM, RamdiskUnavailable, Timeline, checkout_overlay, laptop
 from stiefel_runtime import kexec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLASH = next((p for p in (os.path.join(REPO, "playbooks", name) for name in ("flash_usb.yml", "flash-usb.yml"))
-              if os.path.exists(p)), os.path.join(REPO, "playbooks", "flash_usb.yml"))
+FLASH = os.path.join(REPO, "playbooks", "flash_usb.yml")
 SECBOOT_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 MS_VARS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 TOOLS = ("sbverify", "sbattach", "mcopy", "mkfs.ext4")
@@ -98,7 +97,7 @@ def test_unsigned_kernel_refused_at_build(qemu_lab):
     image = os.path.join(workdir, "refused.img")
     run = flash(workdir, stripped, ramdisk, write_key(os.path.join(workdir, "key"), keyfile.generate_key()),
                 image, 256)
-    print("flash-usb.yml with an unsigned kernel: rc=%d in %.1f s" % (run.returncode, run.seconds))
+    print("flash_usb.yml with an unsigned kernel: rc=%d in %.1f s" % (run.returncode, run.seconds))
     out = run.stdout + run.stderr
     assert run.returncode != 0
     message = [line for line in out.splitlines() if "is not signed" in line]
@@ -130,7 +129,7 @@ def test_secure_boot_stick_and_lockdown_refusal(qemu_lab):
     esp_mib = max(128, ((os.path.getsize(kernel) + os.path.getsize(stick_initrd)) * 3 // 2 >> 20) + 64)
     image = os.path.join(workdir, "stick.img")
     run = flash(workdir, kernel, stick_initrd, key_path, image, esp_mib)
-    print("flash-usb.yml (Secure Boot stick, ESP %d MiB): rc=%d in %.1f s" % (esp_mib, run.returncode, run.seconds))
+    print("flash_usb.yml (Secure Boot stick, ESP %d MiB): rc=%d in %.1f s" % (esp_mib, run.returncode, run.seconds))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     plan = [line.strip() for line in run.stdout.splitlines() if "Secure Boot:" in line or "UEFI:" in line]
     print("\n".join(plan))
