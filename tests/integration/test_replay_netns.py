@@ -13,23 +13,22 @@ replayed after the service restarted never kexecs (``--dry-run`` prints the kexe
 junk and replayed datagrams does not stop a real request (its delay is printed, not asserted).
 
 The figures are printed as ``[replay] ...`` lines; the test runs unchanged against the version-1 agents
-(commit 19b4312) to give the "before" figures.
+(commit 19b4312, with this repository's lab/ and tests/integration/conftest.py, and its replay window read
+from STIEFEL_REPLAY_WINDOW) to give the "before" figures. ``world`` is tests/integration/conftest.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
 from lab.agents import AGENTS, Agent, ENV, PYTHON, fake_boot, run_client, write_key
-from lab.netns import Namespaces, run
+from lab.netns import run
 
 pytestmark = pytest.mark.integration
 
@@ -130,28 +129,6 @@ try:
 except Exception as exc:
     print(json.dumps({"attached": False, "error": str(exc)}))
 """
-
-
-@pytest.fixture
-def world():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    if not shutil.which("nbdkit"):
-        pytest.skip("needs nbdkit")
-    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True, check=False).returncode:
-        pytest.skip("needs python3-libnbd for /usr/bin/python3")
-    started = time.monotonic()
-    tmp = tempfile.mkdtemp(prefix="stf-replay-")
-    ns = Namespaces().create()
-    agents = []
-    try:
-        yield ns, tmp, agents
-    finally:
-        for agent in agents:
-            agent.stop()
-        ns.destroy()
-        shutil.rmtree(tmp, ignore_errors=True)
-        print("\n[test_replay_netns] took %.1f s" % (time.monotonic() - started))
 
 
 class Sniffer(object):
