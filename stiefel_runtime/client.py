@@ -235,7 +235,6 @@ class ClientAgent(object):
         manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console)
         elapsed = time.monotonic() - started
         self.console.marker("payload verified")
-        lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
         self.console("payload: %.1f MB in %.2f s (%.1f MB/s)" % (
             manifest.total_size / 1e6, elapsed, manifest.total_size / 1e6 / max(elapsed, 1e-6)))
         cmdline = hook_cmdline(manifest.cmdline, link.mac, offer.address, offer.message.nbd_port or 10809,
@@ -252,6 +251,7 @@ class ClientAgent(object):
             with os.fdopen(fd, "wb") as out:
                 out.write(psk_archive(self.key, offer.client_nonce, offer.session_nonce))
             return 0
+        lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
         initrd = os.path.join(self.run_dir, "initrd-with-psk.img")
         kexec.concat_files(initrd, [os.path.join(dest, "initrd")],
                            psk_archive(self.key, offer.client_nonce, offer.session_nonce))

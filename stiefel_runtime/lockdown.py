@@ -209,6 +209,9 @@ def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockd
     Without lockdown this only reads one sysfs file (mounting securityfs first if need be).
     ``run`` is the subprocess seam.
     """
+    if dry_run:  # the agents' --dry-run runs on hosts (locked down or not) with stand-in kernels
+        log("dry-run: would check the laptop kernel's signature if this kernel is locked down")
+        return
     mount_missing(run, mounts)
     state = lockdown_state(lockdown_path)
     if state in (None, "none"):
@@ -224,8 +227,6 @@ def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockd
     if not signers:
         raise LockdownRefusal(refusal_text("the laptop's kernel carries no signature", [], secure_boot))
     log("lockdown: the laptop kernel is signed by %s" % "; ".join("%s (%s)" % s for s in signers))
-    if dry_run:
-        return
     proc = run([kexec, "-s", "-l", kernel], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     output = proc.stdout.decode("utf-8", "replace") if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
     if proc.returncode == 0:
