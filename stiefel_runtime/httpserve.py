@@ -334,8 +334,8 @@ class BoundedHTTPServer(object):
             if len(self._pending) >= self.limits.max_pending:
                 oldest = next(iter(self._pending))
                 self.counters["evicted"] += 1
-                self._close_pending(oldest, "connection flood: %d connections without a complete request; "
-                                            "the oldest is closed" % self.limits.max_pending)
+                self._close_pending(oldest, "connection flood: oldest of %d unfinished requests closed"
+                                    % self.limits.max_pending)
             sock.setblocking(False)
             self._pending[sock] = _Pending(sock, peer, address, self._clock() + self.limits.header_timeout)
             self._selector.register(sock, selectors.EVENT_READ, ("conn", None))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import threading
@@ -40,7 +41,11 @@ SERIAL_RATE = 11520  # bytes/s: 115200 baud, 8N1
 
 
 def _agent_argv(name, *args):
-    return [PYTHON, os.path.join(TREE, "agents", "stiefel-" + name)] + list(args)
+    argv = [PYTHON, os.path.join(TREE, "agents", "stiefel-" + name)] + list(args)
+    if name == "server":  # the file limits a systemd service starts with: soft 1,024, hard higher
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        argv = ["prlimit", "--nofile=1024:%d" % (hard if hard != resource.RLIM_INFINITY else 524288), "--"] + argv
+    return argv
 
 
 class Server(object):
@@ -157,7 +162,7 @@ def _ramdisk_server(world, rate=None, disk=False):
 # ------------------------------------------------------------------ 2,000 connections
 
 FLOOD = r"""
-import resource, socket, sys, time
+import errno, resource, socket, sys, time
 target, port, count, sources, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(","), float(sys.argv[5])
 resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, count + 256))
 socks, refused, started = [], 0, time.monotonic()
@@ -171,6 +176,7 @@ for number in range(count):
         refused += 1
         sock.close()
         continue
+    time.sleep(0.002)  # paced, so that a small backlog does not simply drop the SYNs
     if number % 2:
         try:
             sock.send(b"GET /payload/")  # a slow request: half a request line, never finished
@@ -185,12 +191,14 @@ while time.monotonic() < deadline:  # keep reopening what the server closed, at 
         if time.monotonic() >= deadline:
             break
         try:
-            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                raise ConnectionResetError
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and \
+                    sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+                continue  # the server sent something: keep it open anyway
         except BlockingIOError:
-            continue
-        except OSError:
-            pass
+            continue  # open and idle, as meant
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                continue  # still connecting (the backlog is full)
         sock.close()
         fresh = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         fresh.setblocking(False)
@@ -222,12 +230,15 @@ def test_two_thousand_connections_do_not_lock_out_the_client(world):
     sources = _attacker_addresses(ns, 250)
     flood = subprocess.Popen(  # pylint: disable=consider-using-with  (waited for below, killed by PID)
         ns.exec_argv(ns.client, PYTHON, "-c", FLOOD, "%s%%%s" % (server_addr, ns.veth_c), str(HTTP_PORT), "2000",
-                     ",".join(sources), "40"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     ",".join(sources), "50"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "opened" in flood.stdout.readline()
-        time.sleep(2)
-        established = _run("ip", "netns", "exec", ns.server, "ss", "-Htn", "state", "established",
-                           "( sport = :%d )" % HTTP_PORT).stdout.count("\n")
+        # SYNs beyond the backlog are retried by the attacker's kernel (1 s, 3 s, 7 s): give them 12 s to get in
+        deadline, established = time.monotonic() + 12, 0
+        while time.monotonic() < deadline and established < 1900:
+            time.sleep(1)
+            established = _run("ip", "netns", "exec", ns.server, "ss", "-Htn", "state", "established",
+                               "( sport = :%d )" % HTTP_PORT).stdout.count("\n")
         proc, flood_seconds, run_dir = _client(ns, tmp, key_path, "flooded", 60)
     finally:
         if flood.poll() is None:
@@ -237,8 +248,9 @@ def test_two_thousand_connections_do_not_lock_out_the_client(world):
     print("HTTP connections the server held during the flood: %d" % established)
     print("FIGURE connection flood (%s): client served in %.1f s quiet, %.1f s under 2,000 connections (rc=%d)" % (
         "baseline " + TREE if BASELINE else "this tree", quiet_seconds, flood_seconds, proc.returncode))
-    if BASELINE and proc.returncode != 0:
-        pytest.xfail("the baseline tree loses against the connection flood: %s" % proc.stdout[-300:])
+    if BASELINE:
+        pytest.xfail("the baseline tree: rc=%d, the flood named on its console: %s" % (
+            proc.returncode, "connection flood" in text))
     assert proc.returncode == 0, proc.stdout + proc.stderr + text[-5000:]
     assert "stiefel-client: payload verified" in proc.stdout
     assert os.path.exists(os.path.join(run_dir, "payload", "kernel"))
