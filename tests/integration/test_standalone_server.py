@@ -122,7 +122,7 @@ def test_standalone_server_serves_an_image_to_the_client(world):
     before = _link(ns.server, other)
     conf = _standalone_config(tmp, key_path, boot, disk, _mac(ns.server, ns.veth_s), mtu=9000)
     server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--config", conf,
-                              "--power-sysfs", os.path.join(tmp, "no-power")], os.path.join(tmp, "server.log"))
+                        "--power-sysfs", os.path.join(tmp, "no-power")], os.path.join(tmp, "server.log"))
     agents.append(server)
     server.wait_for("stiefel-server: ready", 60)
     assert "standalone mode: listening on %s" % _mac(ns.server, ns.veth_s) in server.text()
@@ -167,8 +167,8 @@ def test_stiefelctl_server_says_who_connected(world):
     boot = fake_boot(tmp)
     disk = _disk(tmp)
     ctl = Agent(ns, [sys.executable, os.path.join(REPO, "bin", "stiefelctl"), "server", "--disk", disk,
-                           "--boot-dir", boot, "--key", key_path, "--interface", ns.veth_s],
-                      os.path.join(tmp, "stiefelctl.log"))
+                     "--boot-dir", boot, "--key", key_path, "--interface", ns.veth_s],
+                os.path.join(tmp, "stiefelctl.log"))
     agents.append(ctl)
     ctl.wait_for("stiefelctl: waiting for a client", 60)
     proc, run_dir = run_client(ns, tmp, key_path, "client", 60)
