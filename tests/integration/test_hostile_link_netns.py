@@ -165,24 +165,28 @@ FLOOD = r"""
 import errno, resource, socket, sys, time
 target, port, count, sources, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(","), float(sys.argv[5])
 resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, count + 256))
-socks, refused, started = [], 0, time.monotonic()
-for number in range(count):
+scope = socket.if_nametoindex(target.split("%")[1])
+
+def connect(number):
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        sock.bind((sources[number % len(sources)], 0, 0, socket.if_nametoindex(target.split("%")[1])))
-        sock.connect_ex((target, port, 0, socket.if_nametoindex(target.split("%")[1])))
+        sock.bind((sources[number % len(sources)], 0, 0, scope))
+        sock.connect_ex((target, port, 0, scope))
     except OSError:
-        refused += 1
-        sock.close()
-        continue
+        pass
+    return sock
+
+started = time.monotonic()
+socks = []
+for number in range(count):
+    socks.append(connect(number))
     time.sleep(0.002)  # paced, so that a small backlog does not simply drop the SYNs
     if number % 2:
         try:
-            sock.send(b"GET /payload/")  # a slow request: half a request line, never finished
+            socks[-1].send(b"GET /payload/")  # a slow request: half a request line, never finished
         except OSError:
             pass
-    socks.append(sock)
 print("opened %d connections in %.1f s" % (len(socks), time.monotonic() - started), flush=True)
 deadline = time.monotonic() + hold
 while time.monotonic() < deadline:  # keep reopening what the server closed, at most `hold` seconds
@@ -200,14 +204,7 @@ while time.monotonic() < deadline:  # keep reopening what the server closed, at 
             if exc.errno == errno.ENOTCONN:
                 continue  # still connecting (the backlog is full)
         sock.close()
-        fresh = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        fresh.setblocking(False)
-        try:
-            fresh.bind((sources[index % len(sources)], 0, 0, socket.if_nametoindex(target.split("%")[1])))
-            fresh.connect_ex((target, port, 0, socket.if_nametoindex(target.split("%")[1])))
-        except OSError:
-            pass
-        socks[index] = fresh
+        socks[index] = connect(index)
 print("held for %.0f s" % hold, flush=True)
 """
 
