@@ -93,7 +93,7 @@ FLAVOURS = {
 }
 MAC = "52:54:00:5e:1f:01"
 SERVER_LL = "fe80::5:1"
-BOOT_TIMEOUT = 300
+BOOT_TIMEOUT = 600  # an upper bound: TCG on a loaded CI host took up to 5 min to the login prompt
 TARGET_RE = r"Reached target.*(Multi-User System|Login Prompts)"
 
 

@@ -32,6 +32,7 @@ mount -t proc proc "$d/proc"
 chroot "$d" /sbin/stiefel-nbd-attach --preflight
 chroot "$d" /sbin/stiefel-nbd-attach --help
 chroot "$d" nbdkit --dump-plugin nbd | grep -E '^(name|version|thread_model)='
-chroot "$d" ip -V
+# iproute2's ip (dracut) or busybox's applet (initramfs-tools): the hook uses both alike
+chroot "$d" sh -c 'ip -V 2> /dev/null || ip 2>&1 | head -n 1'
 chroot "$d" bash -c 'echo "bash $BASH_VERSION"'
 echo "initramfs-smoke: $image ok ($(find "$d" -xdev -type f | wc -l) files)"
