@@ -408,10 +408,16 @@ def cache_dir():
 
 
 def ramdisk_listing(initrd):
-    """The names in a zstd-compressed newc initrd (no leading ``./``)."""
-    out = subprocess.run("zstd -dc %s 2>/dev/null | cpio -t --quiet 2>/dev/null" % initrd, shell=True,
-                         capture_output=True, text=True).stdout
-    return set(name[2:] if name.startswith("./") else name for name in out.split())
+    """The names in a zstd-compressed newc initrd (no leading ``./``); empty when it cannot be read."""
+    cpio, _keyfile, _kexec = _library()
+    names = set()
+    with subprocess.Popen(["zstd", "-dcq", initrd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as zstd:
+        try:
+            names.update(name for name, _mode, _size in cpio.iter_newc_stream(zstd.stdout))
+        except cpio.CpioError:
+            pass  # the zero padding after the archives (kept for the key's alignment) is no zstd frame
+        zstd.stdout.close()
+    return set(name[2:] if name.startswith("./") else name for name in names)
 
 
 def _build_ramdisk(why):

@@ -6,7 +6,6 @@ and the payload manifest built from them once."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 
@@ -14,26 +13,6 @@ from ansible_collections.stiefel.system.plugins.module_utils import bootconfig
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ServerError
 from stiefel_runtime import payload
 from stiefel_runtime.common import quiet_log
-
-
-def _resolve_loader_path(boot_dir, path):
-    """A path from a BLS entry or grub.cfg (relative to the /boot partition or to /) inside ``boot_dir``."""
-    if not path or "$" in path:
-        return None
-    if ")" in path:
-        path = path.split(")", 1)[1]
-    rel = path.lstrip("/")
-    candidates = [rel]
-    if rel.startswith("boot/"):
-        candidates.append(rel[len("boot/"):])
-    for candidate in candidates:
-        try:
-            full = bootconfig.resolve_boot_path(boot_dir, candidate)
-        except bootconfig.BootConfigError:
-            continue
-        if os.path.isfile(full):
-            return full
-    return None
 
 
 def find_boot_files(boot_dir, log=quiet_log):
@@ -56,30 +35,17 @@ def find_boot_files(boot_dir, log=quiet_log):
                 if not os.path.isfile(path):
                     raise ServerError("boot config names %s, which does not exist" % path)
             return kernel, initrds, config["cmdline"], "boot config " + config_path
-    for conf in sorted(glob.glob(os.path.join(boot_dir, "loader", "entries", "*.conf")), reverse=True):
-        try:
-            with open(conf, "r", encoding="utf-8", errors="replace") as handle:
-                entry = bootconfig.parse_bls_entry(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
-        except OSError:
-            continue
-        if "rescue" in os.path.basename(conf):
-            continue
-        kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
-        initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
+    for base, conf, entry in bootconfig.find_bls_entries(boot_dir, boot_only=True):
+        kernel = bootconfig.locate_boot_file(boot_dir, base, entry.get("linux"))
+        initrds = [bootconfig.locate_boot_file(boot_dir, base, p) for p in entry.get("initrd", [])]
         if kernel and initrds and all(initrds):
             return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("options", ""))), "BLS entry " + conf
-    for grub_cfg in ("grub/grub.cfg", "grub2/grub.cfg"):
-        path = os.path.join(boot_dir, grub_cfg)
-        try:
-            with open(path, "r", encoding="utf-8", errors="replace") as handle:
-                entries = bootconfig.parse_grub_cfg(handle.read(bootconfig.MAX_SOURCE_FILE_SIZE))
-        except OSError:
-            continue
-        for entry in entries:
-            kernel = _resolve_loader_path(boot_dir, entry.get("linux"))
-            initrds = [_resolve_loader_path(boot_dir, p) for p in entry.get("initrd", [])]
-            if kernel and initrds and all(initrds):
-                return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("args", ""))), "grub entry " + path
+    grub_cfg, entries = bootconfig.find_grub_entries(boot_dir, boot_only=True)
+    for entry in entries:
+        kernel = bootconfig.locate_boot_file(boot_dir, "/boot", entry.get("linux"))
+        initrds = [bootconfig.locate_boot_file(boot_dir, "/boot", p) for p in entry.get("initrd", [])]
+        if kernel and initrds and all(initrds):
+            return kernel, initrds, " ".join(bootconfig.clean_cmdline(entry.get("args", ""))), "grub entry " + grub_cfg
     raise ServerError("no boot config, BLS entry or grub.cfg entry with a kernel and initrd in %s" % boot_dir)
 
 

@@ -41,6 +41,7 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     TruncatedMessage,
     UnsupportedVersion,
 )
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import hash_file
 
 try:
     from cryptography.exceptions import InvalidTag
@@ -130,21 +131,8 @@ class Manifest(object):
         return cls(cmdline, files)
 
 
-def _hash_file(path):
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(DEFAULT_CHUNK)
-            if not block:
-                break
-            size += len(block)
-            digest.update(block)
-    return size, digest.hexdigest()
-
-
 def build_manifest(kernel_path: str, initrd_path: str, cmdline: str) -> Manifest:
-    files = {"kernel": _hash_file(kernel_path), "initrd": _hash_file(initrd_path)}
+    files = {"kernel": hash_file(kernel_path), "initrd": hash_file(initrd_path)}
     manifest = Manifest(cmdline, files)
     Manifest.from_json(manifest.to_json())  # the sender obeys the same limits
     return manifest

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule, nbd_export
+from ansible_collections.stiefel.system.plugins.module_utils import blockdev, keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ServerError, StiefelError
 from stiefel_runtime import discovery, httpserve, messages, payload, server_config
 from stiefel_runtime.bootfiles import BootSource
@@ -657,7 +657,7 @@ class StandaloneServer(ServerAgent):
         self.interfaces = config.interfaces
 
     def check_disk(self):
-        nbd_export.check_exportable(self.disk, writable_export=True)
+        blockdev.check_exportable(self.disk, writable_export=True)
 
     def run(self, ready_timeout=None):
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
@@ -722,7 +722,7 @@ def run_standalone(args):
         key = keyfile.read_key(config.key)
         agent = StandaloneServer(key, console, config, power_sysfs=args.power_sysfs)
         agent.run()
-    except (server_config.ServerConfigError, nbd_export.DeviceInUse) as exc:
+    except (server_config.ServerConfigError, blockdev.DeviceInUse) as exc:
         console("refused: %s" % exc)
         return EXIT_REFUSED
     except StiefelError as exc:

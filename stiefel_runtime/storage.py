@@ -13,6 +13,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import bootconfig
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ServerError
+from ansible_collections.stiefel.system.plugins.module_utils.tools import run_tool
 from stiefel_runtime.common import quiet_log
 
 
@@ -62,10 +63,7 @@ def resolve_device(spec, timeout=30.0, log=quiet_log):
 
 def mount_read_only(device, mountpoint):
     os.makedirs(mountpoint, exist_ok=True)
-    proc = subprocess.run(["mount", "-o", "ro", device, mountpoint], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise ServerError("cannot mount %s read-only: %s" % (device, proc.stdout.decode("utf-8", "replace").strip()))
+    run_tool(["mount", "-o", "ro", device, mountpoint])
 
 
 def boot_dir_of(mountpoint):

@@ -19,9 +19,12 @@ unless an image file may be created there (not under /dev, /proc, /sys).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
+
+from ansible_collections.stiefel.system.plugins.module_utils.errors import DeviceInUse, NbdExportError
 
 SYSTEM_MOUNTPOINTS = ("/", "/boot", "/boot/efi")
 # A missing path under these is a typo for a device, never a new image file.
@@ -368,3 +371,86 @@ def inspect_target(path, view=None, create_size=0):
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
         info.refusals.append("%s is %s, neither a block device nor a regular image file" % (path, what))
     return info
+
+
+# ---------------------------------------------------------------------------
+# Exporting a device or image over NBD (nbd_serve, the server agents)
+# ---------------------------------------------------------------------------
+# The mount / swap / holder inspection above is shared with the USB writer;
+# here only what differs for serving: partitions may be exported, a
+# read-only export is fine on a read-only device, an image file counts as the
+# loop devices backed by it, and the kernel's exclusive-open check is added.
+
+def loops_backed_by(path: str, view: HostView | None = None) -> list:
+    """``/dev/loopN`` devices whose backing file is ``path``."""
+    view = view or HostView()
+    real = view.realpath(path)
+    result = []
+    for name in view.listdir(os.path.join(view.sys_root, "block")):
+        if not name.startswith("loop"):
+            continue
+        backing = view.sysfs_attr(os.path.join(view.sys_root, "block", name), "loop/backing_file")
+        if backing and view.realpath(backing) == real:
+            result.append("/dev/" + name)
+    return result
+
+
+def _block_reasons(info, writable_export: bool) -> list:
+    reasons = []
+    if info.system_mounts:
+        reasons.append("%s holds the running system (%s)" % (info.path, ", ".join(info.system_mounts)))
+    for entry in info.mounted:
+        reasons.append("%s is mounted (%s)" % (info.path, entry))
+    for entry in info.swap:
+        reasons.append("%s is in use as swap (%s)" % (info.path, entry))
+    if info.holders and not info.mounted:
+        reasons.append("%s is in use by %s (device-mapper/RAID/loop on top of it)"
+                       % (info.path, ", ".join("/dev/" + h for h in info.holders)))
+    if writable_export and info.read_only:
+        reasons.append("%s is a read-only device; export it with read_only" % info.path)
+    return reasons
+
+
+def device_users(path: str, *, writable_export: bool = True, view: HostView | None = None) -> list:
+    """Reasons why exporting ``path`` would be unsafe on this host (empty: safe).
+
+    A block device is refused if it, its disk's partitions, or anything stacked
+    on them (holders) is mounted or used as swap, or if it holds the running
+    system; an image file is refused if a loop device backed by it is.
+    """
+    view = view or HostView()
+    info = inspect_target(path, view=view)
+    if info.kind == "missing":
+        raise NbdExportError("cannot export %s: it does not exist" % path)
+    if info.kind == "other":
+        raise NbdExportError("cannot export %s: not a block device or regular file (%s)"
+                             % (path, "; ".join(info.refusals)))
+    if info.kind == "file":
+        reasons = []
+        for loop in loops_backed_by(info.resolved, view):
+            sub = inspect_target(loop, view=view)
+            reasons += ["%s is attached as %s: %s" % (path, loop, r)
+                        for r in _block_reasons(sub, writable_export=False)]
+        return reasons
+    reasons = _block_reasons(info, writable_export)
+    real_host = type(view) is HostView  # pylint: disable=unidiomatic-typecheck
+    if not reasons and writable_export and real_host and _busy(info.resolved):
+        reasons.append("%s is busy (claimed exclusively by the kernel)" % path)
+    return reasons
+
+
+def _busy(dev: str) -> bool:
+    """True if the kernel refuses an exclusive open (mounted, swap, holder, ...)."""
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def check_exportable(path: str, writable_export: bool = True) -> None:
+    """Raise :class:`DeviceInUse` with every reason if ``path`` must not be exported."""
+    reasons = device_users(path, writable_export=writable_export)
+    if reasons:
+        raise DeviceInUse("refusing to export %s: %s" % (path, "; ".join(reasons)))

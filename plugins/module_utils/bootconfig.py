@@ -37,6 +37,8 @@ import json
 import os
 import re
 
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+
 BOOT_CONFIG_FORMAT = 'stiefel-boot-config'
 BOOT_CONFIG_VERSION = 1
 #: Where the file lives, relative to the root of the installed system.
@@ -63,7 +65,7 @@ _DROP_EXACT = ('stiefel',)
 _UNSTABLE_DEV = re.compile(r'^/dev/(sd[a-z]+|hd[a-z]+|vd[a-z]+|xvd[a-z]+|nvme\d+n\d+|mmcblk\d+)(p?\d+)?$')
 
 
-class BootConfigError(ValueError):
+class BootConfigError(StiefelError, ValueError):
     """A boot config (or the system it is derived from) is invalid or unsupported."""
 
 
@@ -396,11 +398,34 @@ def _in_root(root, path):
     return os.path.join(root, path.lstrip('/'))
 
 
-def _resolve_in_root(root, path, hops=20):
-    """Follow symlinks of the absolute in-root *path* inside *root*; return the in-root path or None."""
+def _real_path(root, path, boot_only=False):
+    """Where the in-root *path* is on this host; with *boot_only*, *root* holds only /boot's content
+    (a mounted /boot partition) and nothing outside /boot exists."""
+    if not boot_only:
+        return _in_root(root, path)
+    if path == '/boot' or path.startswith('/boot/'):
+        return _in_root(root, path[len('/boot'):])
+    return None
+
+
+def _inside(root, full):
+    base = os.path.realpath(root)
+    real = os.path.realpath(full)
+    # rstrip: root '/' must not become '//' (nothing would be inside it)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _resolve_in_root(root, path, hops=20, boot_only=False):
+    """Follow symlinks of the absolute in-root *path* inside *root*; return the in-root path or None.
+
+    A file reached through a directory symlink that leads out of *root* is not
+    found: the server reads a /boot it must not trust.
+    """
     path = os.path.normpath('/' + path.lstrip('/'))
     for _hop in range(hops):
-        full = _in_root(root, path)
+        full = _real_path(root, path, boot_only)
+        if full is None:
+            return None
         if os.path.islink(full):
             target = os.readlink(full)
             if target.startswith('/'):
@@ -408,7 +433,7 @@ def _resolve_in_root(root, path, hops=20):
             else:
                 path = os.path.normpath(os.path.join(os.path.dirname(path), target))
             continue
-        if os.path.isfile(full):
+        if os.path.isfile(full) and _inside(root, full):
             return path
         return None
     return None
@@ -435,14 +460,21 @@ def find_kernels(root='/'):
 
 
 _BLS_DIRS = ('/boot/loader/entries', '/efi/loader/entries', '/boot/efi/loader/entries')
+_GRUB_CFGS = ('/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')
 
 
-def find_bls_entries(root='/'):
-    """BLS entries as (in-root entries base dir, file, parsed entry), newest first; rescue entries skipped."""
+def find_bls_entries(root='/', boot_only=False):
+    """BLS entries as (in-root entries base dir, file, parsed entry), newest first; rescue entries skipped.
+
+    With *boot_only*, *root* is the content of a /boot partition (see :func:`locate_boot_file`).
+    """
     result = []
     for entries_dir in _BLS_DIRS:
         base = os.path.dirname(os.path.dirname(entries_dir))
-        for full in sorted(glob.glob(_in_root(root, entries_dir + '/*.conf'))):
+        real_dir = _real_path(root, entries_dir, boot_only)
+        if real_dir is None:
+            continue
+        for full in sorted(glob.glob(os.path.join(glob.escape(real_dir), '*.conf'))):
             text = _read(full)
             if text is None:
                 continue
@@ -454,7 +486,17 @@ def find_bls_entries(root='/'):
     return result
 
 
-def _locate(root, base, path):
+def find_grub_entries(root='/', boot_only=False):
+    """``(in-root grub.cfg, its menu entries)`` of the first grub.cfg in /boot, or ``(None, [])``."""
+    for grub_cfg in _GRUB_CFGS:
+        full = _real_path(root, grub_cfg, boot_only)
+        text = _read(full) if full else None
+        if text is not None:
+            return grub_cfg, parse_grub_cfg(text)
+    return None, []
+
+
+def _locate(root, base, path, boot_only=False):
     """Find a bootloader path (relative to the partition at in-root *base*) in the installed system."""
     if not path or '$' in path:
         return None
@@ -462,10 +504,18 @@ def _locate(root, base, path):
     if path.startswith('(') or ')' in path:
         path = '/' + path.split(')', 1)[1].lstrip('/')
     for candidate in (os.path.normpath(base + path), os.path.normpath('/boot' + path), os.path.normpath(path)):
-        resolved = _resolve_in_root(root, candidate)
+        resolved = _resolve_in_root(root, candidate, boot_only=boot_only)
         if resolved:
             return resolved
     return None
+
+
+def locate_boot_file(boot_dir, base, path):
+    """The real path in *boot_dir* (the content of a /boot: a partition's root, or a root's ``boot/``) of a
+    path from a BLS entry under in-root *base* or from grub.cfg (base ``/boot``); None when it names no
+    file there. Symlinks are followed as the laptop would see them and never lead out of *boot_dir*."""
+    located = _locate(boot_dir, base, path, boot_only=True)
+    return _real_path(boot_dir, located, boot_only=True) if located else None
 
 
 def _boot_relative(inroot_path, fstab_entries):
@@ -555,13 +605,9 @@ def derive_boot_config(root='/', proc_cmdline=None, kernel=None, initrd=None, cm
 
     # kernel and initrd
     bls = find_bls_entries(root)
-    grub_entries = []
-    for grub_cfg in ('/boot/grub/grub.cfg', '/boot/grub2/grub.cfg'):
-        text = _read(_in_root(root, grub_cfg))
-        if text is not None:
-            grub_entries = parse_grub_cfg(text)
-            sources['grub'] = grub_cfg
-            break
+    grub_cfg, grub_entries = find_grub_entries(root)
+    if grub_cfg:
+        sources['grub'] = grub_cfg
     bls_entry = None
     if kernel is None:
         for base, entry_file, entry in bls:

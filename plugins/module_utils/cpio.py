@@ -11,8 +11,11 @@ the reader refuses anything malformed with :class:`CpioError`.
 
 from __future__ import annotations
 
+import io
 import stat
 from dataclasses import dataclass
+
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
 MAGIC_NEWC = b"070701"
 MAGIC_CRC = b"070702"
@@ -23,7 +26,7 @@ MAX_NAME = 4096
 MAX_ENTRIES = 100000
 
 
-class CpioError(ValueError):
+class CpioError(StiefelError, ValueError):
     """A cpio archive is malformed or an entry cannot be represented."""
 
 
@@ -122,57 +125,124 @@ def _parse_hex(field, what, offset):
     return int(text, 16)
 
 
-def read_newc(data, max_entries=MAX_ENTRIES):
-    """Parse one newc archive (up to and including its trailer).
+_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize",
+           "devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check")
 
-    Returns the list of entries (trailer excluded). Trailing zero padding after
-    the trailer is accepted; anything else is a :class:`CpioError`.
+
+def _read_exact(f, n, offset, what):
+    data = f.read(n)
+    if len(data) != n:
+        raise CpioError("truncated %s at offset %d" % (what, offset))
+    return data
+
+
+def _skip(f, n, offset, what):
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise CpioError("truncated %s at offset %d" % (what, offset))
+        n -= len(chunk)
+
+
+def _members(f, max_name=MAX_NAME, keep_data=False):
+    """Yield ``(offset, fields, name, data, end)`` of every member, trailers included, of the
+    concatenated newc archives readable from the binary file ``f`` (as the kernel reads an initrd:
+    zero padding between archives is skipped). ``data`` is None unless ``keep_data``; ``end`` is the
+    offset after the member's padding. Reads ``f`` once, front to back, so a pipe will do.
     """
-    data = memoryview(bytes(data))
     pos = 0
-    entries = []
     while True:
-        if len(entries) > max_entries:
-            raise CpioError("more than %d entries" % max_entries)
-        if pos + HEADER_LEN > len(data):
-            raise CpioError("truncated header at offset %d (no trailer)" % pos)
-        magic = bytes(data[pos:pos + 6])
+        first = f.read(4)
+        if not first:
+            return
+        if first == b"\0\0\0\0":
+            pos += 4
+            continue
+        if len(first) < 4:
+            if first.strip(b"\0"):
+                raise CpioError("garbage at end of cpio stream at offset %d" % pos)
+            return
+        header = first + _read_exact(f, HEADER_LEN - 4, pos, "header")
+        magic = header[:6]
         if magic not in (MAGIC_NEWC, MAGIC_CRC):
             raise CpioError("bad magic %r at offset %d" % (magic, pos))
-        names = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize",
-                 "devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check")
         vals = {}
-        for i, what in enumerate(names):
-            start = pos + 6 + 8 * i
-            vals[what] = _parse_hex(bytes(data[start:start + 8]), what, start)
+        for i, what in enumerate(_FIELDS):
+            vals[what] = _parse_hex(header[6 + 8 * i:14 + 8 * i], what, pos + 6 + 8 * i)
         namesize = vals["namesize"]
-        if namesize < 2 or namesize > MAX_NAME:
+        if namesize < 2 or namesize > max_name:
             raise CpioError("bad name size %d at offset %d" % (namesize, pos))
         name_start = pos + HEADER_LEN
-        name_end = name_start + namesize
-        if name_end > len(data):
-            raise CpioError("truncated name at offset %d" % name_start)
-        raw_name = bytes(data[name_start:name_end])
+        raw_name = _read_exact(f, namesize, name_start, "name")
         if raw_name[-1:] != b"\0" or b"\0" in raw_name[:-1]:
             raise CpioError("name at offset %d is not NUL-terminated" % name_start)
         try:
             name = raw_name[:-1].decode("utf-8")
         except UnicodeDecodeError:
             raise CpioError("name at offset %d is not UTF-8" % name_start) from None
-        data_start = name_end + _pad4(HEADER_LEN + namesize)
+        name_pad = _pad4(HEADER_LEN + namesize)
+        _skip(f, name_pad, name_start, "name")
+        data_start = name_start + namesize + name_pad
         filesize = vals["filesize"]
-        data_end = data_start + filesize
-        if data_end > len(data):
-            raise CpioError("truncated data for %r (%d bytes declared)" % (name, filesize))
+        what = "data for %r (%d bytes declared)" % (name[:64], filesize)
+        data = None
+        if keep_data:
+            data = _read_exact(f, filesize, data_start, what)
+        else:
+            _skip(f, filesize, data_start, what)
+        _skip(f, _pad4(filesize), data_start, what)
+        end = data_start + filesize + _pad4(filesize)
+        yield pos, vals, name, data, end
+        pos = end
+
+
+def read_newc(data, max_entries=MAX_ENTRIES):
+    """Parse one newc archive (up to and including its trailer).
+
+    Returns the list of entries (trailer excluded). Trailing zero padding after
+    the trailer is accepted; anything else is a :class:`CpioError`.
+    """
+    data = bytes(data)
+    expected = 0
+    entries = []
+    for offset, vals, name, body, end in _members(io.BytesIO(data), keep_data=True):
+        if offset != expected:
+            raise CpioError("bad magic %r at offset %d" % (data[expected:expected + 6], expected))
         if name == TRAILER:
-            rest = bytes(data[data_end:])
-            if rest.strip(b"\0"):
-                raise CpioError("garbage after trailer at offset %d" % data_end)
+            if data[end:].strip(b"\0"):
+                raise CpioError("garbage after trailer at offset %d" % end)
             return entries
-        entry = CpioEntry(name=name, mode=vals["mode"], data=bytes(data[data_start:data_end]),
-                          uid=vals["uid"], gid=vals["gid"], mtime=vals["mtime"], nlink=vals["nlink"])
-        entries.append(entry)
-        pos = data_end + _pad4(filesize)
+        if len(entries) >= max_entries:
+            raise CpioError("more than %d entries" % max_entries)
+        entries.append(CpioEntry(name=name, mode=vals["mode"], data=body, uid=vals["uid"], gid=vals["gid"],
+                                 mtime=vals["mtime"], nlink=vals["nlink"]))
+        expected = end
+    raise CpioError("truncated header at offset %d (no trailer)" % expected)
+
+
+def iter_newc_stream(f, max_name=MAX_NAME):
+    """Yield ``(name, mode, size)`` of every member of the concatenated newc archives readable from the
+    binary file ``f`` (a ramdisk: base, overlay, key), trailers left out; a :class:`CpioError` for
+    malformed data."""
+    for _offset, vals, name, _data, _end in _members(f, max_name):
+        if name != TRAILER:
+            yield name, vals["mode"], vals["filesize"]
+
+
+def newc_archive_spans(f):
+    """``(offset, length)`` of each archive (up to and including its trailer) in a stream of several,
+    zero padding between them allowed; a :class:`CpioError` when the stream does not end on a trailer."""
+    spans = []
+    start = None
+    for offset, _vals, name, _data, end in _members(f):
+        if start is None:
+            start = offset
+        if name == TRAILER:
+            spans.append((start, end - start))
+            start = None
+    if start is not None:
+        raise CpioError("the cpio stream ends without a trailer")
+    return spans
 
 
 def key_archive(key_text, path="etc/stiefel/key"):

@@ -57,3 +57,15 @@ class PayloadVerificationFailed(ProtocolError):
 
 class ServerError(StiefelError):
     """The server cannot serve (no /boot content, no disk, ...)."""
+
+
+class RamdiskBuildError(StiefelError):
+    """A ramdisk build stage cannot run or failed; the message says why and where the log is."""
+
+
+class NbdExportError(StiefelError):
+    """Invalid export settings, or the export cannot be served as asked."""
+
+
+class DeviceInUse(NbdExportError):
+    """The device (or a partition / holder of it) is mounted or used on this host."""

@@ -14,9 +14,9 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import KeyFileError
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import write_atomic
 
 KEY_BYTES = 32
 KEY_PREFIX = "stiefel-key-v1:"
@@ -91,27 +91,4 @@ def write_key_atomic(path: str, key: bytes, mode: int = 0o600, uid: int = -1, gi
     flushed to disk, given its owner and mode, then renamed over the target;
     the directory is synced so the rename survives a crash.
     """
-    data = encode_key(key)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".stiefel-key.", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-        if uid != -1 or gid != -1:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if fd != -1:
-            os.close(fd)
-        if tmp is not None:
-            os.unlink(tmp)
+    write_atomic(path, encode_key(key), mode, uid, gid)

@@ -38,16 +38,15 @@ API for other parts (the ramdisk agent in particular)::
     info = probe_export(export_uri(s, for_client=True))   # nbdinfo --json
     problems = verify_export(s, info)         # [] when flags are as promised
 
-Also here (used by ``nbd_serve``): the in-use check that refuses exporting a
-mounted device (:func:`device_users`, over ``blockdev.inspect_target``), the recorded-state file
+Also here (used by ``nbd_serve``): the recorded-state file
 (:func:`state_to_json` / :func:`parse_state`), pidfile supervision
-(:func:`pid_matches`) and the systemd unit (:func:`render_systemd_unit`).
+(:func:`pid_matches`) and the systemd unit (:func:`render_systemd_unit`). The
+check that refuses exporting a device in use is ``blockdev.check_exportable``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import json
 import os
@@ -59,8 +58,8 @@ import sys
 import tempfile
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils.blockdev import HostView, inspect_target
-from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils.errors import NbdExportError
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import write_atomic
 
 DEFAULT_PORT = 10809
 DEFAULT_EXPORT_NAME = "stiefel"
@@ -91,20 +90,12 @@ tls-disabled-cipher = 3DES-CBC
 AES_GCM_CIPHERS = frozenset(("AES-128-GCM", "AES-256-GCM"))
 
 
-class NbdExportError(StiefelError):
-    """Invalid export settings, or the export cannot be served as asked."""
-
-
 class NbdInfoError(NbdExportError):
     """``nbdinfo --json`` output that is not a usable description of the export."""
 
 
 class StateFileError(NbdExportError):
     """A recorded export state file that is unreadable or not ours."""
-
-
-class DeviceInUse(NbdExportError):
-    """The device (or a partition / holder of it) is mounted or used on this host."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,21 +240,7 @@ def atomic_write(path: str, data: str, mode: int = 0o600) -> bool:
                 return False
     except (OSError, UnicodeDecodeError):
         pass
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".stiefel-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data, mode)
     return True
 
 
@@ -698,84 +675,3 @@ def render_systemd_unit(settings: ExportSettings, pidfile: str, priority_file: s
         "",
     ]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- in-use check
-# The mount / swap / holder inspection is blockdev's (shared with the USB
-# writer); here only what differs for serving: partitions may be exported, a
-# read-only export is fine on a read-only device, an image file counts as the
-# loop devices backed by it, and the kernel's exclusive-open check is added.
-
-def loops_backed_by(path: str, view: HostView | None = None) -> list:
-    """``/dev/loopN`` devices whose backing file is ``path``."""
-    view = view or HostView()
-    real = view.realpath(path)
-    result = []
-    for name in view.listdir(os.path.join(view.sys_root, "block")):
-        if not name.startswith("loop"):
-            continue
-        backing = view.sysfs_attr(os.path.join(view.sys_root, "block", name), "loop/backing_file")
-        if backing and view.realpath(backing) == real:
-            result.append("/dev/" + name)
-    return result
-
-
-def _block_reasons(info, writable_export: bool) -> list:
-    reasons = []
-    if info.system_mounts:
-        reasons.append("%s holds the running system (%s)" % (info.path, ", ".join(info.system_mounts)))
-    for entry in info.mounted:
-        reasons.append("%s is mounted (%s)" % (info.path, entry))
-    for entry in info.swap:
-        reasons.append("%s is in use as swap (%s)" % (info.path, entry))
-    if info.holders and not info.mounted:
-        reasons.append("%s is in use by %s (device-mapper/RAID/loop on top of it)"
-                       % (info.path, ", ".join("/dev/" + h for h in info.holders)))
-    if writable_export and info.read_only:
-        reasons.append("%s is a read-only device; export it with read_only" % info.path)
-    return reasons
-
-
-def device_users(path: str, *, writable_export: bool = True, view: HostView | None = None) -> list:
-    """Reasons why exporting ``path`` would be unsafe on this host (empty: safe).
-
-    A block device is refused if it, its disk's partitions, or anything stacked
-    on them (holders) is mounted or used as swap, or if it holds the running
-    system; an image file is refused if a loop device backed by it is.
-    """
-    view = view or HostView()
-    info = inspect_target(path, view=view)
-    if info.kind == "missing":
-        raise NbdExportError("cannot export %s: it does not exist" % path)
-    if info.kind == "other":
-        raise NbdExportError("cannot export %s: not a block device or regular file (%s)"
-                             % (path, "; ".join(info.refusals)))
-    if info.kind == "file":
-        reasons = []
-        for loop in loops_backed_by(info.resolved, view):
-            sub = inspect_target(loop, view=view)
-            reasons += ["%s is attached as %s: %s" % (path, loop, r)
-                        for r in _block_reasons(sub, writable_export=False)]
-        return reasons
-    reasons = _block_reasons(info, writable_export)
-    real_host = type(view) is HostView  # pylint: disable=unidiomatic-typecheck
-    if not reasons and writable_export and real_host and _busy(info.resolved):
-        reasons.append("%s is busy (claimed exclusively by the kernel)" % path)
-    return reasons
-
-
-def _busy(dev: str) -> bool:
-    """True if the kernel refuses an exclusive open (mounted, swap, holder, ...)."""
-    try:
-        fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
-    except OSError as exc:
-        return exc.errno == errno.EBUSY
-    os.close(fd)
-    return False
-
-
-def check_exportable(path: str, writable_export: bool = True) -> None:
-    """Raise :class:`DeviceInUse` with every reason if ``path`` must not be exported."""
-    reasons = device_users(path, writable_export=writable_export)
-    if reasons:
-        raise DeviceInUse("refusing to export %s: %s" % (path, "; ".join(reasons)))

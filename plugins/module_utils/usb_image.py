@@ -57,8 +57,10 @@ import time
 import uuid
 
 from ansible_collections.stiefel.system.plugins.module_utils.cpio import key_archive
-from ansible_collections.stiefel.system.plugins.module_utils.errors import KeyFileError
+from ansible_collections.stiefel.system.plugins.module_utils.errors import KeyFileError, StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file
 from ansible_collections.stiefel.system.plugins.module_utils.keyfile import decode_key
+from ansible_collections.stiefel.system.plugins.module_utils.tools import ToolError, run_tool
 
 FORMAT = "stiefel-usb-v1"
 SECTOR = 512
@@ -85,7 +87,7 @@ BLKRRPART = 0x125F
 CHUNK = 4 * MIB
 
 
-class StickError(Exception):
+class StickError(StiefelError):
     """A stick cannot be built, written or verified; the message says why."""
 
 
@@ -117,37 +119,14 @@ def find_first(candidates, what):
     raise StickError("%s not found (looked at %s); install the Debian package" % (what, ", ".join(candidates)))
 
 
-def sha256_file(path, start=0, length=None):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        left = length
-        while left is None or left > 0:
-            chunk = handle.read(CHUNK if left is None else min(CHUNK, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return digest.hexdigest()
-
-
 def run(argv, stdin=None, env_extra=None):
-    """Run a tool; return stdout bytes; raise StickError with its stderr on failure."""
-    env = dict(os.environ)
-    env["MTOOLS_SKIP_CHECK"] = "1"
-    env["LC_ALL"] = "C"
-    if env_extra:
-        env.update(env_extra)
+    """Run a tool in the C locale, mtools' drive checks off; return stdout bytes; StickError with its stderr."""
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1", LC_ALL="C")
+    env.update(env_extra or {})
     try:
-        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env, check=False)
-    except OSError as exc:
-        raise StickError("cannot run %s: %s" % (argv[0], exc)) from None
-    if proc.returncode != 0:
-        stderr = proc.stderr.decode("utf-8", "replace").strip()
-        raise StickError("%s failed (exit %d): %s" % (" ".join(argv[:2]), proc.returncode, stderr))
-    return proc.stdout
+        return run_tool(argv, stdin=stdin, env=env)
+    except ToolError as exc:
+        raise StickError(str(exc)) from None  # the modules report every stick failure the same way
 
 
 class StickSpec:

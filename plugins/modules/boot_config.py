@@ -59,9 +59,17 @@ options:
       - Use C(/proc/cmdline) as the last source of the command line.
       - By default only when O(root=/) and the target is not a chroot.
     type: bool
-extends_documentation_fragment: []
-notes:
-  - Supports check mode (reports what would be written) and diff mode.
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    description: Reports what would be written and writes nothing.
+    support: full
+  diff_mode:
+    description: Shows the boot config before and after.
+    support: full
+  platform:
+    platforms: posix
 '''
 
 EXAMPLES = r'''
@@ -102,7 +110,6 @@ root_disk:
 '''
 
 import os
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.facts.system.chroot import is_chroot
@@ -114,6 +121,7 @@ from ansible_collections.stiefel.system.plugins.module_utils.bootconfig import (
     find_whole_disk,
     load_boot_config,
 )
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import write_atomic
 
 
 def _uuid_lookup(module):
@@ -126,22 +134,6 @@ def _uuid_lookup(module):
         out = out.strip()
         return out if rc == 0 and out else None
     return lookup
-
-
-def _write_atomically(path, text):
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix='.boot.json.', dir=directory)
-    try:
-        with os.fdopen(fd, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main():
@@ -209,7 +201,7 @@ def main():
             directory = os.path.dirname(path)
             if not os.path.isdir(directory):
                 os.makedirs(directory, 0o755)
-            _write_atomically(path, new_text)
+            write_atomic(path, new_text, 0o644)
         except OSError as exc:
             module.fail_json(msg='cannot write %s: %s' % (path, exc), **result)
     module.exit_json(**result)

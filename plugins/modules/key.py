@@ -41,6 +41,7 @@ options:
     type: bool
     default: false
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - ansible.builtin.files
 attributes:
   check_mode:
@@ -49,6 +50,8 @@ attributes:
   diff_mode:
     description: Shows the key id (never the key) before and after, or V(absent) / V(invalid key file).
     support: full
+  platform:
+    platforms: posix
 notes:
   - O(mode) defaults to V(0600). A mode that lets group or others read the key is refused.
 """

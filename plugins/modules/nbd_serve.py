@@ -91,6 +91,8 @@ options:
     description: After starting (and on every run), check the advertised flags with C(nbdinfo --json).
     type: bool
     default: true
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     description: A dry run that reports what would change and touches nothing.
@@ -98,6 +100,8 @@ attributes:
   diff_mode:
     description: Shows the recorded settings (pidfile) or the unit (systemd) before and after.
     support: full
+  platform:
+    platforms: posix
 requirements:
   - nbdkit (Debian package nbdkit)
   - nbdinfo for I(verify) (Debian package libnbd-bin)
@@ -165,13 +169,13 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.stiefel.system.plugins.module_utils.blockdev import check_exportable
+from ansible_collections.stiefel.system.plugins.module_utils.errors import NbdExportError
 from ansible_collections.stiefel.system.plugins.module_utils.nbd_export import (
     ExportSettings,
     GNUTLS_AES_GCM_ONLY,
     NAME_RE,
-    NbdExportError,
     atomic_write,
-    check_exportable,
     export_uri,
     pid_matches,
     probe_export,

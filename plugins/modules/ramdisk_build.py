@@ -134,8 +134,17 @@ options:
     description: A version string that is part of the input hash (bump it to force a rebuild).
     type: str
     default: ""
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    description: Reports which stages would run and builds nothing.
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 notes:
-  - Check mode reports which stages would run and builds nothing.
   - Needs root, mmdebstrap, cpio, zstd, depmod, chroot and binutils (readelf, as, ld) on the build host.
 """
 
@@ -186,11 +195,8 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.stiefel.system.plugins.module_utils.ramdisk_build import (
-    STEPS,
-    RamdiskBuilder,
-    RamdiskBuildError,
-)
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils.ramdisk_build import STEPS, RamdiskBuilder
 
 
 def main():
@@ -229,7 +235,7 @@ def main():
     try:
         builder = RamdiskBuilder(params, check=module.check_mode)
         result = builder.run(step)
-    except RamdiskBuildError as exc:
+    except StiefelError as exc:  # RamdiskBuildError, or ToolError from a build step
         module.fail_json(msg="ramdisk %s: %s" % (step, exc))
     except OSError as exc:
         module.fail_json(msg="ramdisk %s: %s" % (step, exc), exception=traceback.format_exc())

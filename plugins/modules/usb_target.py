@@ -12,10 +12,8 @@ short_description: Inspect a USB stick target and check that it is safe to overw
 version_added: "0.1.0"
 description:
   - Inspects a block device or image file that is about to receive the stiefel client stick.
-  - Fails, with one reason per problem, when the target is a partition instead of a whole disk,
-    is neither a block device nor a regular file, is mounted or has a mounted partition, is used
-    as swap or by device-mapper/RAID, holds the running system's C(/), C(/boot) or C(/boot/efi),
-    is read-only or empty, or does not exist (unless I(create_size) allows creating an image file).
+  - Fails, with one reason per problem, when the target is refused (see the notes); a missing I(path)
+    is refused unless I(create_size) allows creating an image file there.
   - Never changes anything.
 options:
   path:
@@ -32,13 +30,16 @@ options:
     description: Fail when the target is refused. With C(false), refusals are only returned.
     type: bool
     default: true
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - stiefel.system.write_target
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
+  platform:
+    platforms: posix
 author:
   - stiefel.system developers (@stiefel-system)
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne
+from ansible_collections.stiefel.system.plugins.module_utils import blockdev, nbd_export as ne
 from lab import ansible_output
 
 pytestmark = [
@@ -283,6 +283,6 @@ def test_mounted_device_is_refused(mounted_loop, tmp_path):
             result = ansible(args, check=check)
             assert result.get("failed") and result["_rc"] != 0, result
             assert "refusing to export" in result["msg"] and mnt in result["msg"], result["msg"]
-        with pytest.raises(ne.DeviceInUse):
-            ne.check_exportable(path, writable_export=False)
+        with pytest.raises(blockdev.DeviceInUse):
+            blockdev.check_exportable(path, writable_export=False)
     assert not state.exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb, runtime_manifest
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, ramdisk_build as rb, runtime_manifest
 from lab.ansible_output import changed_tasks
 from lab.qemu import build_image as run_playbook
 from lab.qemu import cache_dir
@@ -41,7 +41,7 @@ def members(built):
     feeder = threading.Thread(target=lambda: (zstd.stdin.write(archives), zstd.stdin.close()))
     feeder.start()
     try:
-        listing = {name: (mode, size) for name, mode, size in rb.iter_newc_stream(zstd.stdout)}
+        listing = {name: (mode, size) for name, mode, size in cpio.iter_newc_stream(zstd.stdout)}
     finally:
         zstd.stdout.close()
         feeder.join()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne
+from ansible_collections.stiefel.system.plugins.module_utils import blockdev, nbd_export as ne
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
 NBDINFO_SAMPLE = """{
@@ -355,12 +355,12 @@ def test_device_users_plain_file_without_loops(tmp_path):
     img = tmp_path / "x.img"
     img.write_bytes(b"\0" * 1024)
     (tmp_path / "sys" / "block").mkdir(parents=True)
-    view = ne.HostView(sys_root=str(tmp_path / "sys"))
-    assert ne.device_users(str(img), view=view) == []
+    view = blockdev.HostView(sys_root=str(tmp_path / "sys"))
+    assert blockdev.device_users(str(img), view=view) == []
     with pytest.raises(ne.NbdExportError, match="not a block device"):
-        ne.device_users("/dev/null")
+        blockdev.device_users("/dev/null")
     with pytest.raises(ne.NbdExportError, match="does not exist"):
-        ne.device_users(str(tmp_path / "missing"))
+        blockdev.device_users(str(tmp_path / "missing"))
 
 
 def test_image_file_attached_to_a_mounted_loop_is_refused(tmp_path):
@@ -370,21 +370,20 @@ def test_image_file_attached_to_a_mounted_loop_is_refused(tmp_path):
     (sys_root / "block" / "loop7" / "loop").mkdir(parents=True)
     (sys_root / "block" / "loop7" / "loop" / "backing_file").write_text(str(img) + "\n")
 
-    class View(ne.HostView):
+    class View(blockdev.HostView):
         def __init__(self):
             super().__init__(sys_root=str(sys_root))
 
     # the fake loop7 has no /dev node, so inspect_target sees it as missing: nothing mounted
-    assert ne.loops_backed_by(str(img), View()) == ["/dev/loop7"]
+    assert blockdev.loops_backed_by(str(img), View()) == ["/dev/loop7"]
 
 
 def test_root_disk_is_refused():
-    from ansible_collections.stiefel.system.plugins.module_utils import blockdev
     root = next((m for m in blockdev.parse_mountinfo(open("/proc/self/mountinfo").read()) if m.mountpoint == "/"),
                 None)
     if root is None or not root.source.startswith("/dev/") or not os.path.exists(root.source):
         pytest.skip("root filesystem is not on a visible block device")
-    with pytest.raises(ne.DeviceInUse, match="running system"):
-        ne.check_exportable(root.source)
-    with pytest.raises(ne.DeviceInUse, match="running system"):
-        ne.check_exportable(root.source, writable_export=False)
+    with pytest.raises(blockdev.DeviceInUse, match="running system"):
+        blockdev.check_exportable(root.source)
+    with pytest.raises(blockdev.DeviceInUse, match="running system"):
+        blockdev.check_exportable(root.source, writable_export=False)

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio
 from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_build as rb
+from ansible_collections.stiefel.system.plugins.module_utils import ramdisk_apt, ramdisk_modules, ramdisk_pack, ramdisk_strip
 
 DEB822 = """\
 Types: deb
@@ -51,7 +52,7 @@ deb http://short.example
 
 
 def test_deb822_parse():
-    entries = rb.parse_deb822_sources(DEB822)
+    entries = ramdisk_apt.parse_deb822_sources(DEB822)
     assert len(entries) == 4
     assert entries[0].uris == ["http://deb.debian.org/debian"]
     assert entries[0].suites == ["bookworm", "bookworm-updates", "bookworm-backports"]
@@ -60,7 +61,7 @@ def test_deb822_parse():
 
 
 def test_select_from_deb822_uses_main_suite_with_updates_and_security():
-    uri, suite, comps, lines = rb.select_mirrors(rb.parse_deb822_sources(DEB822))
+    uri, suite, comps, lines = ramdisk_apt.select_mirrors(ramdisk_apt.parse_deb822_sources(DEB822))
     assert (uri, suite, comps) == ("http://deb.debian.org/debian", "bookworm", ["main"])
     assert lines == [
         "deb http://deb.debian.org/debian bookworm main",
@@ -70,23 +71,23 @@ def test_select_from_deb822_uses_main_suite_with_updates_and_security():
 
 
 def test_one_line_parse_and_select():
-    entries = rb.parse_one_line_sources(ONE_LINE)
+    entries = ramdisk_apt.parse_one_line_sources(ONE_LINE)
     assert [e.uris[0] for e in entries] == [
         "http://mirror.example/debian", "http://mirror.example/debian", "http://security.example/debian-security"]
-    uri, suite, comps, lines = rb.select_mirrors(entries, components=["main"])
+    uri, suite, comps, lines = ramdisk_apt.select_mirrors(entries, components=["main"])
     assert uri == "http://mirror.example/debian" and suite == "bookworm"
     assert lines == ["deb http://mirror.example/debian bookworm main",
                      "deb http://security.example/debian-security bookworm-security main"]
 
 
 def test_override_and_errors():
-    assert rb.select_mirrors([], mirror="http://m/debian", suite="bookworm")[3] == ["deb http://m/debian bookworm main"]
+    assert ramdisk_apt.select_mirrors([], mirror="http://m/debian", suite="bookworm")[3] == ["deb http://m/debian bookworm main"]
     with pytest.raises(rb.RamdiskBuildError):
-        rb.select_mirrors([], mirror="http://m/debian")
+        ramdisk_apt.select_mirrors([], mirror="http://m/debian")
     with pytest.raises(rb.RamdiskBuildError):
-        rb.select_mirrors([])
+        ramdisk_apt.select_mirrors([])
     with pytest.raises(rb.RamdiskBuildError):
-        rb.select_mirrors(rb.parse_deb822_sources(DEB822), suite="sid")
+        ramdisk_apt.select_mirrors(ramdisk_apt.parse_deb822_sources(DEB822), suite="sid")
 
 
 def test_read_host_sources(tmp_path):
@@ -94,17 +95,17 @@ def test_read_host_sources(tmp_path):
     (tmp_path / "sources.list").write_text(ONE_LINE)
     (tmp_path / "sources.list.d" / "debian.sources").write_text(DEB822)
     (tmp_path / "sources.list.d" / "ignored.save").write_text("deb http://x y z\n")
-    entries = rb.read_host_sources(str(tmp_path))
+    entries = ramdisk_apt.read_host_sources(str(tmp_path))
     assert len(entries) == 3 + 4
-    assert rb.select_mirrors(entries)[0] == "http://mirror.example/debian"
+    assert ramdisk_apt.select_mirrors(entries)[0] == "http://mirror.example/debian"
 
 
 @given(st.text(max_size=2000))
 def test_source_parsers_never_crash(text):
-    for entry in rb.parse_deb822_sources(text) + rb.parse_one_line_sources(text):
+    for entry in ramdisk_apt.parse_deb822_sources(text) + ramdisk_apt.parse_one_line_sources(text):
         assert entry.uris and entry.suites
     try:
-        rb.select_mirrors(rb.parse_deb822_sources(text) + rb.parse_one_line_sources(text))
+        ramdisk_apt.select_mirrors(ramdisk_apt.parse_deb822_sources(text) + ramdisk_apt.parse_one_line_sources(text))
     except rb.RamdiskBuildError:
         pass
 
@@ -122,20 +123,20 @@ not a line
 
 
 def test_select_modules_with_dependencies():
-    deps = rb.parse_modules_dep(MODULES_DEP)
+    deps = ramdisk_modules.parse_modules_dep(MODULES_DEP)
     assert len(deps) == 7
-    keep = rb.select_modules(deps, ["kernel/drivers/net/*"], ["kernel/drivers/net/wireless/*"])
+    keep = ramdisk_modules.select_modules(deps, ["kernel/drivers/net/*"], ["kernel/drivers/net/wireless/*"])
     assert keep == {"kernel/drivers/net/usb/r8152.ko", "kernel/drivers/net/mii.ko", "kernel/lib/libphy.ko"}
     # a kept module's dependency is kept even when excluded
-    keep = rb.select_modules(deps, ["kernel/drivers/*"], ["kernel/net/*"])
+    keep = ramdisk_modules.select_modules(deps, ["kernel/drivers/*"], ["kernel/net/*"])
     assert "kernel/net/wireless/cfg80211.ko" in keep and "kernel/net/rfkill/rfkill.ko" in keep
     assert "kernel/sound/snd.ko" not in keep
 
 
 @given(st.text(max_size=1000))
 def test_modules_dep_parser_never_crashes(text):
-    deps = rb.parse_modules_dep(text)
-    assert rb.select_modules(deps, ["*"], []) >= set(deps)
+    deps = ramdisk_modules.parse_modules_dep(text)
+    assert ramdisk_modules.select_modules(deps, ["*"], []) >= set(deps)
 
 
 def test_canonical_hash_is_order_independent():
@@ -146,17 +147,17 @@ def test_canonical_hash_is_order_independent():
 def test_iter_newc_stream_reads_concatenated_archives():
     one = cpio.write_newc([cpio.CpioEntry.directory("usr"), cpio.CpioEntry.file("usr/a", b"hello", 0o755)])
     two = cpio.write_newc([cpio.CpioEntry.file("init", b"#!/bin/sh\n" * 100, 0o755)])
-    members = list(rb.iter_newc_stream(io.BytesIO(one + b"\0" * 8 + two)))
+    members = list(cpio.iter_newc_stream(io.BytesIO(one + b"\0" * 8 + two)))
     assert [(n, s) for n, _m, s in members] == [("usr", 0), ("usr/a", 5), ("init", 1000)]
     assert members[2][1] & 0o777 == 0o755
 
 
 def test_iter_newc_stream_refuses_garbage():
     one = cpio.write_newc([cpio.CpioEntry.file("a", b"x")])
-    with pytest.raises(rb.RamdiskBuildError):
-        list(rb.iter_newc_stream(io.BytesIO(one + b"garbage garbage")))
-    with pytest.raises(rb.RamdiskBuildError):
-        list(rb.iter_newc_stream(io.BytesIO(one[:-200])))
+    with pytest.raises(cpio.CpioError):
+        list(cpio.iter_newc_stream(io.BytesIO(one + b"garbage garbage")))
+    with pytest.raises(cpio.CpioError):
+        list(cpio.iter_newc_stream(io.BytesIO(one[:-200])))
 
 
 @given(st.binary(max_size=600), st.integers(min_value=0, max_value=600))
@@ -164,9 +165,9 @@ def test_iter_newc_stream_hostile_bytes(data, cut):
     valid = cpio.write_newc([cpio.CpioEntry.file("f", b"abc")])
     for blob in (data, valid[:cut] + data, valid + data):
         try:
-            for name, _mode, size in rb.iter_newc_stream(io.BytesIO(blob)):
+            for name, _mode, size in cpio.iter_newc_stream(io.BytesIO(blob)):
                 assert isinstance(name, str) and size >= 0
-        except rb.RamdiskBuildError:
+        except cpio.CpioError:
             pass
 
 
@@ -259,7 +260,7 @@ def test_tree_names_keeps_symlinked_directories(tmp_path):
     (tmp_path / "usr" / "bin" / "sh").write_text("x")
     (tmp_path / "bin").symlink_to("usr/bin")
     (tmp_path / "usr" / "lib").symlink_to("bin")
-    names = rb.tree_names(str(tmp_path))
+    names = ramdisk_pack.tree_names(str(tmp_path))
     assert sorted(names) == ["bin", "usr", "usr/bin", "usr/bin/sh", "usr/lib"]
     assert names.index("usr") < names.index("usr/bin") < names.index("usr/bin/sh")
 
@@ -268,9 +269,9 @@ def test_tree_names_keeps_symlinked_directories(tmp_path):
 
 
 def test_zstd_options():
-    assert rb.zstd_options(12) == ["-12"]
-    assert rb.zstd_options(12, 27) == ["-12", "--long=27"]
-    assert rb.zstd_options(22, 0) == ["--ultra", "-22"]
+    assert ramdisk_pack.zstd_options(12) == ["-12"]
+    assert ramdisk_pack.zstd_options(12, 27) == ["-12", "--long=27"]
+    assert ramdisk_pack.zstd_options(22, 0) == ["--ultra", "-22"]
 
 
 def test_new_strip_inputs_change_the_base_hash(tmp_path):
@@ -285,17 +286,17 @@ def test_new_strip_inputs_change_the_base_hash(tmp_path):
 
 
 def test_icu_stub_assembly_refuses_odd_symbols():
-    text = rb.icu_data_stub_assembly("icudt72_dat")
+    text = ramdisk_strip.icu_data_stub_assembly("icudt72_dat")
     assert "icudt72_dat:" in text and '.ascii "ToCP"' in text
     for bad in ("", "main", "icudt", "icudt72_dat; .globl x", "icudt72_dat\n.text", "../icudt", "icudt\u00e9"):
         with pytest.raises(rb.RamdiskBuildError):
-            rb.icu_data_stub_assembly(bad)
+            ramdisk_strip.icu_data_stub_assembly(bad)
 
 
 @given(st.text(max_size=40))
 def test_icu_stub_assembly_never_emits_foreign_text(symbol):
     try:
-        text = rb.icu_data_stub_assembly(symbol)
+        text = ramdisk_strip.icu_data_stub_assembly(symbol)
     except rb.RamdiskBuildError:
         return
     assert symbol.startswith("icudt") and symbol.isascii() and all(c.isalnum() or c == "_" for c in symbol)
@@ -327,35 +328,35 @@ def test_replace_icu_data_keeps_soname_and_symbol(tmp_path):
     root = tmp_path / "root"
     lib = _fake_icu_data(root, 200000)
     log = tmp_path / "strip.log"
-    before, after = rb.replace_icu_data(str(root), str(log))
+    before, after = ramdisk_strip.replace_icu_data(str(root), str(log))
     assert before > 200000 and after == lib.stat().st_size and after < 16384
-    assert rb.find_icu_data_library(str(root)) == (str(lib), "libicudata.so.72", "icudt72_dat")
+    assert ramdisk_strip.find_icu_data_library(str(root)) == (str(lib), "libicudata.so.72", "icudt72_dat")
     syms = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True,
                           check=True).stdout
     assert [line.split()[2] for line in syms.splitlines() if line.endswith(" icudt72_dat")] == ["48"]
     # ICU_Data_Header: headerSize 32, magic 0xda27, UDataInfo size 20, "ToCP"
     data = subprocess.run(["readelf", "-x", ".rodata", str(lib)], capture_output=True, text=True, check=True).stdout
     assert "2000da27 14000000 00000200 546f4350" in data
-    assert rb.missing_libraries(str(root)) == {}
-    assert rb.replace_icu_data(str(root), str(log)) is None  # already a stub: nothing to do
+    assert ramdisk_strip.missing_libraries(str(root)) == {}
+    assert ramdisk_strip.replace_icu_data(str(root), str(log)) is None  # already a stub: nothing to do
     assert "stub data" in log.read_text()
 
 
 def test_replace_icu_data_without_icu(tmp_path):
     (tmp_path / "usr" / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
-    assert rb.replace_icu_data(str(tmp_path), str(tmp_path / "log")) is None
+    assert ramdisk_strip.replace_icu_data(str(tmp_path), str(tmp_path / "log")) is None
 
 
 def test_rebuild_hwdb_only_when_asked(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rb, "run_logged", lambda argv, log, **kw: calls.append(argv))
-    hwdb = tmp_path / rb.HWDB_DIR
-    assert rb.rebuild_hwdb(str(tmp_path), ["20-OUI.hwdb"], "log") == []  # no sources: nothing to do
+    monkeypatch.setattr(ramdisk_strip, "run_tool", lambda argv, log, **kw: calls.append(argv))
+    hwdb = tmp_path / ramdisk_strip.HWDB_DIR
+    assert ramdisk_strip.rebuild_hwdb(str(tmp_path), ["20-OUI.hwdb"], "log") == []  # no sources: nothing to do
     hwdb.mkdir(parents=True)
     for name in ("20-OUI.hwdb", "20-pci-vendor-model.hwdb", "60-keyboard.hwdb"):
         (hwdb / name).write_text("x\n")
-    assert rb.rebuild_hwdb(str(tmp_path), [], "log") == [] and not calls
-    assert rb.rebuild_hwdb(str(tmp_path), ["20-*vendor*", "20-OUI.hwdb"], str(tmp_path / "log")) == \
+    assert ramdisk_strip.rebuild_hwdb(str(tmp_path), [], "log") == [] and not calls
+    assert ramdisk_strip.rebuild_hwdb(str(tmp_path), ["20-*vendor*", "20-OUI.hwdb"], str(tmp_path / "log")) == \
         ["20-OUI.hwdb", "20-pci-vendor-model.hwdb"]
     assert sorted(p.name for p in hwdb.iterdir()) == ["60-keyboard.hwdb"]
     assert calls == [["chroot", str(tmp_path), "/usr/bin/systemd-hwdb", "update", "--usr", "--strict"]]
@@ -369,10 +370,10 @@ def test_smoke_test_runs_each_command_in_the_root(tmp_path, monkeypatch):
         if argv[2] == "false":
             raise rb.RamdiskBuildError("false failed")
 
-    monkeypatch.setattr(rb, "run_logged", fake)
-    rb.smoke_test("/r", ["kexec --version", "", 'python3 -c "import ssl, json"'], "log")
+    monkeypatch.setattr(ramdisk_strip, "run_tool", fake)
+    ramdisk_strip.smoke_test("/r", ["kexec --version", "", 'python3 -c "import ssl, json"'], "log")
     assert calls == [(["chroot", "/r", "kexec", "--version"], "1"),
                      (["chroot", "/r", "python3", "-c", "import ssl, json"], "1")]
     with pytest.raises(rb.RamdiskBuildError, match="smoke test 'false'"):
-        rb.smoke_test("/r", ["true", "false", "never"], "log")
+        ramdisk_strip.smoke_test("/r", ["true", "false", "never"], "log")
     assert calls[-1][0][2] == "false"

@@ -9,7 +9,7 @@ import pytest
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.testing import patch_module_args
 
-from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne
+from ansible_collections.stiefel.system.plugins.module_utils import blockdev, nbd_export as ne
 from ansible_collections.stiefel.system.plugins.modules import nbd_serve
 
 
@@ -138,7 +138,7 @@ def test_refuses_device_in_use(env, capsys, monkeypatch):
     base, fake, tmp = env
 
     def refuse(path, writable_export=True):
-        raise ne.DeviceInUse("refusing to export %s: /dev/vda is mounted read-write on /" % path)
+        raise blockdev.DeviceInUse("refusing to export %s: /dev/vda is mounted read-write on /" % path)
 
     monkeypatch.setattr(nbd_serve, "check_exportable", refuse)
     result = run(capsys, **base)
