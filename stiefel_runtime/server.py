@@ -772,12 +772,7 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.check_config:
-        try:
-            sys.stdout.write(server_config.render(server_config.load(args.check_config)))
-        except server_config.ServerConfigError as exc:
-            sys.stderr.write("stiefel-server: refused: %s\n" % exc)
-            return EXIT_REFUSED
-        return 0
+        return server_config.check(args.check_config)
     standalone = bool(args.config or args.standalone)
     if not standalone and (args.boot or args.interface or args.mtu):
         parser.error("--boot, --interface and --mtu are for standalone mode (--config or --standalone)")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 
@@ -261,3 +262,26 @@ def interface_filter(selectors):
         return link.ifname in wanted or (link.mac or "").lower() in wanted
 
     return selected
+
+
+def check(path, out=None, err=None):
+    """Parse the file at ``path`` and print it normalized: 0 valid, 2 refused (the reason on ``err``).
+
+    ``python3 -m stiefel_runtime.server_config FILE`` runs only this, so the role's template
+    validation needs neither pyroute2 nor cryptography (the server agent's imports).
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        out.write(render(load(path)))
+    except ServerConfigError as exc:
+        err.write("stiefel-server: refused: %s\n" % exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.stderr.write("usage: python3 -m stiefel_runtime.server_config FILE\n")
+        sys.exit(2)
+    sys.exit(check(sys.argv[1]))

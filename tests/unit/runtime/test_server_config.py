@@ -150,3 +150,22 @@ def test_render_parse_round_trip(disk, boot, interfaces, mtu, name, debug):
     config = sc.ServerConfig(disk=disk, interfaces=tuple(interfaces), mtu=mtu if interfaces else None,
                              export_name=name, debug=debug, **{boot[0]: boot[1]})
     assert sc.parse(sc.render(config)) == config
+
+
+def test_check_entry_point_needs_no_agent_libraries(tmp_path, agent_env):
+    """The standalone role validates its template with ``python3 -m stiefel_runtime.server_config``: it must
+    run where pyroute2 and cryptography are not installed yet (a dry run, a fresh target)."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "server.conf"
+    conf.write_text("disk = /dev/sdb\nboot = UUID=0b8f\ninterfaces = 52-54-00-AB-CD-02\n")
+    code = ("import runpy, sys; sys.modules['pyroute2'] = sys.modules['cryptography'] = None; "
+            "sys.argv = ['server_config', %r]; runpy.run_module('stiefel_runtime.server_config', run_name='__main__')"
+            % str(conf))
+    out = subprocess.run([sys.executable, "-c", code], env=agent_env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "interfaces = 52:54:00:ab:cd:02\n" in out.stdout
+    conf.write_text("disk = /dev/sdb\nboot = UUID=0b8f\nmtu = 9000\n")
+    out = subprocess.run([sys.executable, "-c", code], env=agent_env, capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "stiefel-server: refused:" in out.stderr
