@@ -162,7 +162,7 @@ def test_listeners_come_and_go_while_serving(front):
     assert sorted(server.listening()) == ["again", "lo"]
     assert get(second) == (200, b"hello /x")
     server.unlisten("again")
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30  # the selector thread closes it on its next turn; a loaded CI host is slow
     while "again" in server.listening() and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(ConnectionRefusedError):
