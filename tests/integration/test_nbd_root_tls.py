@@ -193,8 +193,8 @@ def build_boot_files(flavour):
         for name in spec["images"]:
             started = time.monotonic()
             image = build_image(root, flavour, name, version)
-            log("%s image %r built in %.1f s, %d bytes" % (flavour, name, time.monotonic() - started,
-                                                          os.path.getsize(root + image)))
+            took, size = time.monotonic() - started, os.path.getsize(root + image)
+            log("%s image %r built in %.1f s, %d bytes" % (flavour, name, took, size))
             smoke_image(root, image)
             shutil.copy(root + image, os.path.join(tmp_out, "initrd-%s.img" % name))
         shutil.copy(os.path.join(boot, "vmlinuz-" + version), os.path.join(tmp_out, "vmlinuz"))
@@ -225,8 +225,8 @@ def make_disk(path, root_uuid, content=None):
                                   text=True).stdout.split()[0])
         mib = max(mib, used * 5 // 4 + 64)
     run(["truncate", "-s", "%dM" % (mib + 2), path])
-    run(["sfdisk", "-q", path], input=("label: gpt\nstart=2048, size=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
-                                        % (mib * 2048)).encode())
+    table = "label: gpt\nstart=2048, size=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n" % (mib * 2048)
+    run(["sfdisk", "-q", path], input=table.encode())
     populate = ["-d", content] if content else []
     run(["mkfs.ext4", "-q", "-F", "-U", root_uuid, "-E", "offset=1048576"] + populate + [path, "%dM" % mib])
 

@@ -34,5 +34,5 @@ chroot "$d" /sbin/stiefel-nbd-attach --help
 chroot "$d" nbdkit --dump-plugin nbd | grep -E '^(name|version|thread_model)='
 # iproute2's ip (dracut) or busybox's applet (initramfs-tools): the hook uses both alike
 chroot "$d" sh -c 'ip -V 2> /dev/null || ip 2>&1 | head -n 1'
-chroot "$d" bash -c 'echo "bash $BASH_VERSION"'
+chroot "$d" bash --version | head -n 1
 echo "initramfs-smoke: $image ok ($(find "$d" -xdev -type f | wc -l) files)"

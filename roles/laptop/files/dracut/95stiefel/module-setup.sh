@@ -48,9 +48,9 @@ stiefel_inst_elf_with_libs() {
             derror "stiefel: $_file needs libraries this system lacks: $_ldd"
             return 1
         fi
-        for _lib in $(sed -n 's/.*=> \(\/[^ ]*\) (.*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p' <<< "$_ldd"); do
+        while read -r _lib; do
             inst_library "${_lib#"$dracutsysrootdir"}" || { derror "stiefel: cannot install $_lib"; return 1; }
-        done
+        done < <(sed -n 's/.*=> \(\/[^ ]*\) (.*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p' <<< "$_ldd")
     done
 }
 
