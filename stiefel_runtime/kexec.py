@@ -5,8 +5,9 @@
 
 ``kexec -s -l`` (kexec_file_load: the kernel verifies the image itself and it
 works under lockdown) is tried first; when the running kernel refuses it
-(unsigned image under lockdown aside, e.g. no KEXEC_FILE support) we fall
-back to ``kexec -c -l`` (the classic kexec_load syscall). ``kexec -e`` then
+(e.g. no KEXEC_FILE support) we fall back to ``kexec -c -l`` (the classic
+kexec_load syscall) -- never under lockdown, where kexec_load is refused
+anyway and the file-load error is the one that explains. ``kexec -e`` then
 jumps into the loaded kernel; it only returns on failure.
 
 The subprocess seam is ``run`` (default :func:`subprocess.run`) so unit
@@ -22,6 +23,7 @@ import shlex
 import subprocess
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from stiefel_runtime import lockdown
 from stiefel_runtime.common import quiet_log
 
 KEXEC = "kexec"
@@ -32,8 +34,8 @@ class KexecError(StiefelError):
     """kexec could not load or execute the kernel."""
 
 
-def load_argvs(kernel: str, initrd: str | None, cmdline: str, kexec: str = KEXEC) -> list:
-    """The load commands to try, in order (kexec_file_load, then kexec_load)."""
+def load_argvs(kernel: str, initrd: str | None, cmdline: str, kexec: str = KEXEC, classic: bool = True) -> list:
+    """The load commands to try, in order (kexec_file_load, then kexec_load unless ``classic`` is False)."""
     if not kernel or "\0" in kernel:
         raise KexecError("kernel path is empty or invalid")
     if "\0" in cmdline or "\n" in cmdline:
@@ -44,7 +46,7 @@ def load_argvs(kernel: str, initrd: str | None, cmdline: str, kexec: str = KEXEC
     if initrd:
         tail.append("--initrd=" + initrd)
     tail += ["--command-line=" + cmdline, kernel]
-    return [[kexec, "-s", "-l"] + tail, [kexec, "-c", "-l"] + tail]
+    return [[kexec, "-s", "-l"] + tail] + ([[kexec, "-c", "-l"] + tail] if classic else [])
 
 
 def exec_argv(kexec: str = KEXEC) -> list:
@@ -56,15 +58,16 @@ def format_argv(argv) -> str:
 
 
 def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=quiet_log,
-         kexec: str = KEXEC, dry_run: bool = False) -> list:
+         kexec: str = KEXEC, dry_run: bool = False, lockdown_path: str | None = None) -> list:
     """Load ``kernel`` for kexec; return the argv that succeeded.
 
-    Raises KexecError with both attempts' messages when neither works.
+    Raises KexecError with every attempt's message when none works.
     """
     for path in (kernel, initrd):
         if path and not dry_run and not os.path.isfile(path):
             raise KexecError("%s does not exist" % path)
-    argvs = load_argvs(kernel, initrd, cmdline, kexec)
+    locked = lockdown.lockdown_state(lockdown_path or lockdown.LOCKDOWN_PATH) not in (None, "none")
+    argvs = load_argvs(kernel, initrd, cmdline, kexec, classic=not locked)
     if dry_run:
         log("dry-run: would run: %s" % format_argv(argvs[0]))
         return argvs[0]
@@ -79,7 +82,8 @@ def load(kernel: str, initrd: str | None, cmdline: str, run=subprocess.run, log=
             return argv
         output = proc.stdout.decode("utf-8", "replace").strip() if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
         errors.append("%s: rc=%d %s" % (" ".join(argv[:3]), proc.returncode, output[-500:]))
-        next_step = "trying kexec_load" if argv is argvs[0] else "giving up"
+        next_step = "trying kexec_load" if argv is not argvs[-1] else (
+            "giving up (the kernel is locked down: no kexec_load)" if locked else "giving up")
         log("kexec: %s failed (rc=%d), %s" % (" ".join(argv[:3]), proc.returncode, next_step))
     raise KexecError("kexec could not load %s: %s" % (kernel, "; ".join(errors)))
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio
-from stiefel_runtime import kexec
+from stiefel_runtime import kexec, lockdown
 
 
 class Recorder(object):
@@ -33,6 +33,26 @@ def test_file_load_first(tmp_path):
     argv = kexec.load(kernel, initrd, "console=ttyS0 a=b", run=run, log=lambda s: None)
     assert run.calls == [["kexec", "-s", "-l", "--initrd=" + initrd, "--command-line=console=ttyS0 a=b", kernel]]
     assert argv[:3] == ["kexec", "-s", "-l"]
+
+
+@pytest.fixture(autouse=True)
+def not_locked_down(tmp_path, monkeypatch):
+    """This host's own kernel may be locked down; each test says which state it means."""
+    state = tmp_path / "lockdown"
+    state.write_text("[none] integrity confidentiality\n")
+    monkeypatch.setattr(lockdown, "LOCKDOWN_PATH", str(state))
+    return state
+
+
+def test_no_kexec_load_fallback_under_lockdown(tmp_path, not_locked_down):
+    not_locked_down.write_text("none [integrity] confidentiality\n")
+    kernel, initrd = _files(tmp_path)
+    run = Recorder([1, 0])
+    lines = []
+    with pytest.raises(kexec.KexecError, match="could not load"):
+        kexec.load(kernel, initrd, "x", run=run, log=lines.append)
+    assert [c[:3] for c in run.calls] == [["kexec", "-s", "-l"]]
+    assert "locked down" in lines[-1]
 
 
 def test_falls_back_to_kexec_load(tmp_path):
