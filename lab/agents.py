@@ -6,7 +6,6 @@ whose output goes to a file, a client run to completion, a fake laptop /boot and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -94,12 +93,3 @@ def fake_boot(tmp):
     with open(os.path.join(boot, "stiefel", "boot.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     return boot
-
-
-def sha256_file(path):
-    """Hex SHA-256 of a file, read in 1 MiB pieces (images are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -18,10 +18,10 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file as _sha
 from lab.agents import AGENTS, ENV, PYTHON, Agent
 from lab.agents import fake_boot as _fake_boot
 from lab.agents import run_client as _client
-from lab.agents import sha256_file as _sha
 from lab.agents import write_key as _write_key
 from lab.netns import run as _run
 

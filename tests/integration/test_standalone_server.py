@@ -30,9 +30,9 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, runtime_manifest
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file as _sha
 from lab import ansible_output
 from lab.agents import AGENTS, ENV, PYTHON, Agent, fake_boot, run_client, write_key
-from lab.agents import sha256_file as _sha
 from lab.netns import run as _run
 from stiefel_runtime.server import PEERS_INTERVAL
 

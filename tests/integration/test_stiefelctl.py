@@ -27,7 +27,7 @@ import tempfile
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
-from lab.agents import sha256_file as _sha
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file as _sha
 from lab.qemu import marker_initrd
 
 pytestmark = pytest.mark.integration

@@ -31,7 +31,7 @@ import uuid
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, cpio
-from lab.agents import sha256_file as sha256_path
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file as sha256_path
 from lab.ansible_output import recap_changed
 
 pytestmark = pytest.mark.integration

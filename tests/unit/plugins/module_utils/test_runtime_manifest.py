@@ -9,7 +9,8 @@ import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest as rm
 
-CONTROLLER_ONLY = ("ramdisk_build.py", "usb_image.py", "runtime_manifest.py")
+CONTROLLER_ONLY = ("ramdisk_build.py", "ramdisk_apt.py", "ramdisk_modules.py", "ramdisk_pack.py", "ramdisk_strip.py",
+                   "usb_image.py", "runtime_manifest.py")
 
 
 def _names(entries):
