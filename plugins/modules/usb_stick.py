@@ -25,9 +25,8 @@ description:
     what to do, for an unsigned kernel or one signed by another key.
   - The stick is built as a sparse image in I(work_dir) for the exact size of the target, then its
     laid-out regions are copied to the target, synced, and read back to compare SHA-256.
-  - B(Destroys the target.) Refuses partitions, mounted disks, disks with mounted partitions, the disk
-    holding the running system, and anything that is neither a block device nor a regular file;
-    needs I(confirm) set to the target path.
+  - B(Destroys the target.) Refuses the targets listed in the notes and needs I(confirm) set to the
+    target path.
   - Idempotent, a target that already holds exactly this stick (same manifest, key, files and boot
     code) is left alone. Check mode reports the plan and touches nothing.
 options:
@@ -89,13 +88,16 @@ options:
     description: Write even if the target already holds this exact stick.
     type: bool
     default: false
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - stiefel.system.write_target
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
+  platform:
+    platforms: posix
 requirements:
   - sfdisk, mkfs.fat (dosfstools), mtools, syslinux on the host that writes the stick
   - for I(uefi_loader=shim) shim-signed, grub-efi-amd64-signed, sbsigntool, binutils (objcopy) and openssl
