@@ -40,7 +40,7 @@ import select
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 from stiefel_runtime import discovery, kexec, messages
-from stiefel_runtime.common import Console, EXIT_FAILED, parse_cmdline
+from stiefel_runtime.common import Console, parse_cmdline, run_agent
 from stiefel_runtime.netlink import LINK_ADDED, LinkManager
 
 DEFAULT_CONFIG_PATH = "/etc/stiefel/autokexec.json"
@@ -253,15 +253,12 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     console = Console("stiefel-autokexec", debug=args.debug)
-    try:
+
+    def start():
         config = load_config(args.config)
         if args.key:
             config["key_path"] = args.key
-        agent = AutokexecAgent(config, console, run_dir=args.run_dir, dry_run=args.dry_run,
-                               proc_cmdline_path=args.proc_cmdline)
-        return agent.run()
-    except KeyboardInterrupt:
-        return 130
-    except StiefelError as exc:
-        console("fatal: %s" % exc)
-        return EXIT_FAILED
+        return AutokexecAgent(config, console, run_dir=args.run_dir, dry_run=args.dry_run,
+                              proc_cmdline_path=args.proc_cmdline).run()
+
+    return run_agent(console, start)

@@ -27,7 +27,8 @@ import time
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 from stiefel_runtime import discovery, kexec, lockdown, messages, payload
-from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, EXIT_FAILED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, stdout_log, strip_stiefel_options
+from stiefel_runtime.common import (Console, DEFAULT_KEY_PATH, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, run_agent,
+                                    stdout_log, strip_stiefel_options)
 from stiefel_runtime.netlink import LinkManager
 
 DISCOVER_INTERVAL = 2.0
@@ -352,16 +353,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     options = parse_cmdline(read_cmdline(args.cmdline_file))
     console = Console("stiefel-client", debug=args.debug or options.get("debug") is True)
-    try:
-        key = keyfile.read_key(args.key)
-        agent = ClientAgent(key, console, run_dir=args.run_dir, mtu=options.get("mtu"),
-                            stop_before_kexec=args.stop_before_kexec, dry_run=args.dry_run,
-                            timeout=args.timeout,
-                            ask_passphrase=passphrases_from_file(args.passphrase_file)
-                            if args.passphrase_file else None)
-        return agent.run()
-    except KeyboardInterrupt:
-        return 130
-    except StiefelError as exc:
-        console("fatal: %s" % exc)
-        return EXIT_FAILED
+
+    def start():
+        return ClientAgent(keyfile.read_key(args.key), console, run_dir=args.run_dir, mtu=options.get("mtu"),
+                           stop_before_kexec=args.stop_before_kexec, dry_run=args.dry_run, timeout=args.timeout,
+                           ask_passphrase=passphrases_from_file(args.passphrase_file)
+                           if args.passphrase_file else None).run()
+
+    return run_agent(console, start)

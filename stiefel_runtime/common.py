@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+
 CMDLINE_PREFIX = "stiefel."
 DEFAULT_KEY_PATH = "/etc/stiefel/key"
 RUN_DIR = "/run/stiefel"
@@ -299,3 +301,14 @@ def beep(message: str, loud: bool = False, console_path: str = "/dev/console", l
             os.close(fd)
     if log is not None:
         log(message)
+
+
+def run_agent(console, start):
+    """An agent's exit code from running ``start()``: its own, 130 after Ctrl-C, EXIT_FAILED (logged) on a StiefelError."""
+    try:
+        return start()
+    except KeyboardInterrupt:
+        return 130
+    except StiefelError as exc:
+        console("fatal: %s" % exc)
+        return EXIT_FAILED
