@@ -33,7 +33,7 @@ import threading
 import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, keyfile, keyschedule, nbd_export
-from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ServerError, StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
 from stiefel_runtime import discovery, httpserve, messages, payload, server_config
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR

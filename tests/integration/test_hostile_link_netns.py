@@ -54,7 +54,8 @@ class Server(object):
     def __init__(self, ns, argv, log_path, rate=None):
         self.log_path = log_path
         self.rate = rate
-        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with  (stopped by PID in stop())
+        # stopped by PID in stop()
+        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
             ns.exec_argv(ns.server, *argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
         self._lock = threading.Lock()
         self._data = bytearray()
@@ -225,7 +226,8 @@ def test_two_thousand_connections_do_not_lock_out_the_client(world):
     # 2,000 connections from 250 addresses (8 each: within any per-address cap), half of them sending
     # half a request line and nothing more, reopened as the server closes them, for 40 s.
     sources = _attacker_addresses(ns, 250)
-    flood = subprocess.Popen(  # pylint: disable=consider-using-with  (waited for below, killed by PID)
+    # waited for below, killed by PID
+    flood = subprocess.Popen(  # pylint: disable=consider-using-with
         ns.exec_argv(ns.client, PYTHON, "-c", FLOOD, "%s%%%s" % (server_addr, ns.veth_c), str(HTTP_PORT), "2000",
                      ",".join(sources), "50"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -290,7 +292,8 @@ def test_junk_flood_on_a_slow_console_does_not_delay_the_client(world, junk_rate
     ns, tmp, key_path, server, server_addr = _ramdisk_server(world, rate=SERIAL_RATE)
     proc, quiet_seconds, _run_dir = _client(ns, tmp, key_path, "quiet", 60)
     assert proc.returncode == 0, proc.stdout + proc.stderr + server.text()
-    junk = subprocess.Popen(  # pylint: disable=consider-using-with  (waited for below, killed by PID)
+    # waited for below, killed by PID
+    junk = subprocess.Popen(  # pylint: disable=consider-using-with
         ns.exec_argv(ns.client, PYTHON, "-c", JUNK, "%s%%%s" % (server_addr, ns.veth_c), str(DISCOVERY_PORT), "25",
                      str(junk_rate)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

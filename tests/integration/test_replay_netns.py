@@ -398,8 +398,8 @@ def test_autokexec_replay_after_restart_and_flood(world):
     text = wait_for_any(agent, ["ReplayedMessage"], 15)
     replay_kexecs = text.count(KEXEC_LINE)
     print("[replay] autokexec after a restart: replayed %s; autokexec answered %s; kexecs: %d (the recorded "
-          "request's own run: %d in %.2f s)" % (result["sent"], result["replies"], replay_kexecs, kexecs_recorded,
-                                               recorded["seconds"]))
+          "request's own run: %d in %.2f s)"
+          % (result["sent"], result["replies"], replay_kexecs, kexecs_recorded, recorded["seconds"]))
 
     # a flood of junk and of the recording does not stop a real request; how much it delays it is printed
     quiet = real_request(ns, key_path)

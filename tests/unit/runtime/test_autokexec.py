@@ -128,7 +128,7 @@ def test_hostile_and_replayed_never_trigger(junk, data):
     # A request naming this challenge with another client nonce (still made with the key) spends the
     # challenge, so the genuine request may or may not trigger afterwards: never more than once.
     triggers = 0
-    for _ in range(2):
+    for _unused in range(2):
         try:
             triggers += bool(decider.decide(good, 4)[1])
         except ProtocolError:

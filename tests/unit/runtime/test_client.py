@@ -61,7 +61,7 @@ def test_autokexec_offer_gets_a_kexec_request():
     a = agent()
     responder = discovery.Responder(KEY, lambda: {"role": messages.ROLE_AUTOKEXEC},
                                     challenges=messages.ChallengeBook(), accept_kexec=True)
-    offer, _ = responder.handle(a.disc.discover(5))
+    offer, _unused = responder.handle(a.disc.discover(5))
     assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
     (request, addr), = a.sock.sent
     assert addr == ("fe80::2", 61570, 0, 5)
@@ -79,8 +79,8 @@ def server_responder():
 def test_server_offer_gets_one_session_request_at_a_time():
     a = agent()
     responder = server_responder()
-    first, _ = responder.handle(a.disc.discover(5))
-    second, _ = responder.handle(a.disc.discover(5))
+    first, _unused = responder.handle(a.disc.discover(5))
+    second, _unused = responder.handle(a.disc.discover(5))
     assert a.handle_datagram(first, "fe80::2", 61570, 5) is None
     (request, addr), = a.sock.sent
     assert addr == ("fe80::2", 61570, 0, 5)
@@ -95,10 +95,10 @@ def test_server_offer_gets_one_session_request_at_a_time():
 def test_server_offer_on_vanished_link_keeps_discovering():
     a = agent()
     responder = server_responder()
-    offer, _ = responder.handle(a.disc.discover(5))
+    offer, _unused = responder.handle(a.disc.discover(5))
     assert a.handle_datagram(offer, "fe80::2", 61570, 5) is None
     (request, _addr), = a.sock.sent
-    accept, _ = responder.handle(request)
+    accept, _unused = responder.handle(request)
     assert a.handle_datagram(accept, "fe80::2", 61570, 5) is None
     assert "failed" in a.console.stream.getvalue()
 

@@ -120,7 +120,7 @@ def test_summary_bounds_sources_and_reasons():
 
 def test_nothing_suppressed_means_no_summary():
     con, clock, out = console(drop_burst=5)
-    for _ in range(5):
+    for _attempt in range(5):
         con.drop("a", "x")
     clock.now += 60
     con.tick()

@@ -80,7 +80,7 @@ def test_recorded_exchange_replayed_after_restart_or_window_opens_no_session():
     restarted = server_responder(clock)
     for target, advance in ((restarted, 0), (server, discovery.REPLAY_WINDOW + 1)):
         clock.now += advance
-        reply, _ = target.handle(discover)  # the replay window forgot it: a fresh challenge, nothing more
+        reply, _unused = target.handle(discover)  # the replay window forgot it: a fresh challenge, nothing more
         challenge = messages.parse(KEY, reply).server_nonce
         assert challenge != offer.server_nonce
         with pytest.raises(ReplayedMessage):
@@ -92,7 +92,7 @@ def test_session_accept_checks():
     client = discovery.ClientDiscovery(KEY)
     server = server_responder()
     offer = client.handle(server.handle(client.discover(1))[0], "fe80::1", 1)
-    accept, _ = server.handle(client.session_request(offer))
+    accept, _unused = server.handle(client.session_request(offer))
     stray = messages.build_session_accept(KEY, offer.client_nonce, messages.new_nonce(), messages.new_nonce())
     with pytest.raises(ReplayedMessage):
         client.handle(stray, "fe80::1", 1)  # answers no request of ours
@@ -139,7 +139,7 @@ def test_offer_checks():
     clock = Clock()
     client = discovery.ClientDiscovery(KEY, clock=clock)
     server = server_responder()
-    offer_bytes, _ = server.handle(client.discover(1))
+    offer_bytes, _unused = server.handle(client.discover(1))
     with pytest.raises(MalformedMessage, match="interface"):
         client.handle(offer_bytes, "fe80::1", 2)  # arrived on another link
     client.handle(offer_bytes, "fe80::1", 1)
@@ -150,7 +150,7 @@ def test_offer_checks():
     with pytest.raises(ReplayedMessage):
         client.handle(stray, "fe80::1", 1)
     # an OFFER that comes too late
-    offer_bytes, _ = server.handle(client.discover(1))
+    offer_bytes, _unused = server.handle(client.discover(1))
     clock.now += 3600
     with pytest.raises(ReplayedMessage):
         client.handle(offer_bytes, "fe80::1", 1)
@@ -236,7 +236,7 @@ def test_session_book_payload_ends_the_session_and_a_new_one_closes_the_rest():
 
 def test_session_book_bounded():
     book = discovery.SessionBook(capacity=4)
-    for _ in range(100):
+    for _unused in range(100):
         book.issue(messages.new_nonce())
     assert len(book) == 4
 
@@ -256,7 +256,7 @@ def test_hostile_datagrams_to_every_handler(data):
             handle(data)
     # every handler still works afterwards
     server = server_responder(clock)
-    offer_bytes, _ = server.handle(client.discover(1))
+    offer_bytes, _unused = server.handle(client.discover(1))
     assert client.handle(offer_bytes, "fe80::1", 1).role == messages.ROLE_SERVER
     assert open_session(client, server_responder(clock), 1)[1].session_nonce is not None
 
@@ -286,7 +286,7 @@ def test_mutated_session_exchange_is_dropped(data):
     with pytest.raises(ProtocolError):
         server.handle(_mutate(data, request))
     assert len(server.sessions) == 0
-    accept, _ = server.handle(request)
+    accept, _unused = server.handle(request)
     with pytest.raises(ProtocolError):
         client.handle(_mutate(data, accept), "fe80::1", 1)
     assert client.handle(accept, "fe80::1", 1).session_nonce is not None
@@ -298,7 +298,7 @@ def test_mutated_genuine_datagrams_are_dropped(data):
     client = discovery.ClientDiscovery(KEY, clock=clock)
     responder = autokexec_responder(clock)
     discover = client.discover(1)
-    offer_bytes, _ = responder.handle(discover)
+    offer_bytes, _unused = responder.handle(discover)
     offer = client.handle(offer_bytes, "fe80::1", 1)
     request = client.kexec_request(offer)
     target = data.draw(st.sampled_from(["discover", "request"]))

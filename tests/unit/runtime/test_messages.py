@@ -155,7 +155,7 @@ def test_challenge_book_single_use_expiry_and_binding():
 def test_challenge_book_is_bounded():
     book = m.ChallengeBook(capacity=4)
     first = book.issue(CN)
-    for _ in range(10):
+    for _unused in range(10):
         book.issue(CN)
     with pytest.raises(ReplayedMessage):
         book.redeem(CN, first)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyschedule
-from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import bootfiles, discovery, messages, payload, power, procfs, server, storage
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ServerError, StiefelError
+from stiefel_runtime import bootfiles, discovery, payload, power, procfs, server, storage
 from stiefel_runtime.common import Console
 
 KEY = bytes(range(32))
@@ -59,7 +59,7 @@ def test_invalid_config_falls_back_and_escape_refused(tmp_path):
     boot = make_boot(tmp_path, config=False)
     (boot / "stiefel" / "boot.json").write_text('{"format": "stiefel-boot-config", "version": 1, "kernel": '
                                                 '"../../etc/passwd", "initrd": ["x"], "cmdline": "a", "root": "b"}')
-    with pytest.raises(server.ServerError, match="no boot config"):
+    with pytest.raises(ServerError, match="no boot config"):
         bootfiles.find_boot_files(str(boot), log=lambda s: None)
 
 

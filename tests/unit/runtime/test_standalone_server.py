@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ServerError
 from stiefel_runtime import discovery, messages, server, server_config as sc
 from stiefel_runtime.common import Console
 from stiefel_runtime.netlink import ADDR_ADDED, LINK_ADDED, LinkEvent, LinkManager
@@ -98,13 +99,13 @@ def test_a_payload_that_cannot_be_read_is_fatal_before_any_link_is_touched(tmp_p
     empty = tmp_path / "empty-boot"
     empty.mkdir()
     agent = make_agent(tmp_path, boot_dir=str(empty))
-    with pytest.raises(server.ServerError, match="no boot config"):
+    with pytest.raises(ServerError, match="no boot config"):
         agent.run()
     assert agent.links is None and agent.state.source is None
 
 
 def test_a_missing_boot_partition_is_fatal(tmp_path):
     agent = make_agent(tmp_path, boot_dir="", boot=str(tmp_path / "no-such-partition"))
-    with pytest.raises(server.ServerError, match="not found"):
+    with pytest.raises(ServerError, match="not found"):
         agent.run()
     assert agent.links is None

@@ -65,7 +65,7 @@ names = st.lists(st.text(alphabet="abcdefghij_-.0123456789", min_size=1, max_siz
 def test_round_trip_property(items):
     entries = [cpio.CpioEntry.file(name, data, perm) for name, data, perm in items]
     parsed = cpio.read_newc(cpio.write_newc(entries))
-    assert [(e.name, e.data, e.perm) for e in parsed] == [(n, d, p) for n, d, p in items]
+    assert [(e.name, e.data, e.perm) for e in parsed] == list(items)
 
 
 @given(st.binary(max_size=2000))

@@ -18,7 +18,7 @@ def test_roundtrip_and_format():
 
 
 def test_keys_are_random():
-    assert len({keyfile.generate_key() for _ in range(64)}) == 64
+    assert len({keyfile.generate_key() for _unused in range(64)}) == 64
 
 
 @pytest.mark.parametrize(

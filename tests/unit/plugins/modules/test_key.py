@@ -28,7 +28,7 @@ def run_module(capsys, **args):
 
 def test_check_real_idempotent_idempotent_check(tmp_path, capsys):
     path = tmp_path / "key"
-    result, _ = run_module(capsys, path=str(path), _ansible_check_mode=True)
+    result, _unused = run_module(capsys, path=str(path), _ansible_check_mode=True)
     assert result["changed"] and result["action"] == "created" and not path.exists()
 
     result, out = run_module(capsys, path=str(path))
@@ -50,9 +50,9 @@ def test_rotate_replaces_the_key(tmp_path, capsys):
     path = tmp_path / "key"
     keyfile.write_key_atomic(str(path), keyfile.generate_key())
     old = path.read_bytes()
-    result, _ = run_module(capsys, path=str(path), state="rotated", _ansible_check_mode=True)
+    result, _unused = run_module(capsys, path=str(path), state="rotated", _ansible_check_mode=True)
     assert result["changed"] and path.read_bytes() == old
-    result, _ = run_module(capsys, path=str(path), force=True)
+    result, _unused = run_module(capsys, path=str(path), force=True)
     assert result["changed"] and result["action"] == "rotated" and path.read_bytes() != old
     assert result["previous_key_id"] != result["key_id"]
 
@@ -60,7 +60,7 @@ def test_rotate_replaces_the_key(tmp_path, capsys):
 def test_invalid_file_is_replaced_with_warning(tmp_path, capsys):
     path = tmp_path / "key"
     path.write_bytes(b"stiefel-key-v1:deadbeef\n")
-    result, _ = run_module(capsys, path=str(path), _ansible_diff=True)
+    result, _unused = run_module(capsys, path=str(path), _ansible_diff=True)
     assert result["changed"] and result["action"] == "replaced_invalid"
     assert any("64 lowercase hex" in str(w) for w in result["warnings"])
     assert "deadbeef" not in json.dumps(result["diff"])
@@ -68,7 +68,7 @@ def test_invalid_file_is_replaced_with_warning(tmp_path, capsys):
 
 
 def test_wider_mode_is_refused(tmp_path, capsys):
-    result, _ = run_module(capsys, path=str(tmp_path / "key"), mode="0644")
+    result, _unused = run_module(capsys, path=str(tmp_path / "key"), mode="0644")
     assert result["failed"] and "group or others" in result["msg"]
     assert not (tmp_path / "key").exists()
 
@@ -76,18 +76,18 @@ def test_wider_mode_is_refused(tmp_path, capsys):
 def test_fixes_mode_of_a_valid_key(tmp_path, capsys):
     path = tmp_path / "key"
     keyfile.write_key_atomic(str(path), keyfile.generate_key(), mode=0o640)
-    result, _ = run_module(capsys, path=str(path))
+    result, _unused = run_module(capsys, path=str(path))
     assert result["changed"] and result["action"] == "kept"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 def test_missing_directory_is_a_clear_error(tmp_path, capsys):
-    result, _ = run_module(capsys, path=str(tmp_path / "nope" / "key"))
+    result, _unused = run_module(capsys, path=str(tmp_path / "nope" / "key"))
     assert result["failed"] and "does not exist" in result["msg"]
 
 
 def test_missing_directory_in_check_mode_reports_a_change(tmp_path, capsys):
-    result, _ = run_module(capsys, path=str(tmp_path / "nope" / "key"), _ansible_check_mode=True)
+    result, _unused = run_module(capsys, path=str(tmp_path / "nope" / "key"), _ansible_check_mode=True)
     assert result["changed"] and result["action"] == "created"
     assert not (tmp_path / "nope").exists()
 

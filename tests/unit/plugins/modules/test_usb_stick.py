@@ -48,24 +48,24 @@ def inputs(tmp_path):
 
 # --------------------------------------------------------------------------- usb_target
 def test_usb_target_refuses_dev_null(capsys):
-    rc, result, _ = run_module(usb_target, {"path": "/dev/null"}, capsys)
+    rc, result, _unused = run_module(usb_target, {"path": "/dev/null"}, capsys)
     assert rc == 1 and result["failed"]
     assert "character device" in result["msg"] and result["target"]["kind"] == "other"
 
 
 def test_usb_target_reports_without_failing(capsys, tmp_path):
-    rc, result, _ = run_module(usb_target, {"path": str(tmp_path), "fail_on_refusal": False}, capsys)
+    rc, result, _unused = run_module(usb_target, {"path": str(tmp_path), "fail_on_refusal": False}, capsys)
     assert rc == 0 and not result["changed"] and "directory" in result["target"]["refusals"][0]
 
 
 def test_usb_target_accepts_new_image(capsys, tmp_path):
-    rc, result, _ = run_module(usb_target, {"path": str(tmp_path / "s.img"), "create_size": "1G"}, capsys)
+    rc, result, _unused = run_module(usb_target, {"path": str(tmp_path / "s.img"), "create_size": "1G"}, capsys)
     assert rc == 0 and result["target"]["ok"] and result["target"]["size"] == 1 << 30
     assert not (tmp_path / "s.img").exists()
 
 
 def test_usb_target_bad_size(capsys, tmp_path):
-    rc, result, _ = run_module(usb_target, {"path": str(tmp_path / "s.img"), "create_size": "lots"}, capsys)
+    rc, result, _unused = run_module(usb_target, {"path": str(tmp_path / "s.img"), "create_size": "lots"}, capsys)
     assert rc == 1 and "bad size" in result["msg"]
 
 
@@ -83,7 +83,7 @@ def test_check_mode_plans_and_touches_nothing(capsys, tmp_path, inputs):
 
 def test_missing_confirmation_fails(capsys, tmp_path, inputs):
     target = str(tmp_path / "stick.img")
-    rc, result, _ = run_module(usb_stick, dict(inputs, target=target, image_size="100M", confirm="/dev/sda"),
+    rc, result, _unused = run_module(usb_stick, dict(inputs, target=target, image_size="100M", confirm="/dev/sda"),
                                capsys)
     assert rc == 1 and "confirmation missing" in result["msg"] and not os.path.exists(target)
 
@@ -102,7 +102,7 @@ def test_invalid_key_fails_without_echo(capsys, tmp_path, inputs, bad):
 
 def test_target_too_small(capsys, tmp_path, inputs):
     target = str(tmp_path / "stick.img")
-    rc, result, _ = run_module(usb_stick, dict(inputs, target=target, confirm=target, image_size="32M"), capsys)
+    rc, result, _unused = run_module(usb_stick, dict(inputs, target=target, confirm=target, image_size="32M"), capsys)
     assert rc == 1 and "needs at least 66 MiB" in result["msg"]
 
 
@@ -123,18 +123,18 @@ def test_write_then_idempotent_then_rewrite_on_new_key(capsys, tmp_path, inputs)
     assert not os.path.exists(os.path.join(inputs["work_dir"], "stick-build.img"))
     assert usb_image.read_esp_file(target, "stiefel/key.cpio") == usb_image.key_archive(KEY)
 
-    rc, result, _ = run_module(usb_stick, args, capsys)
+    rc, result, _unused = run_module(usb_stick, args, capsys)
     assert rc == 0 and not result["changed"] and "already holds" in result["reason"]
-    rc, result, _ = run_module(usb_stick, args, capsys, check_mode=True)
+    rc, result, _unused = run_module(usb_stick, args, capsys, check_mode=True)
     assert rc == 0 and not result["changed"]
 
     with open(inputs["key_path"], "wb") as handle:
         handle.write(b"stiefel-key-v1:" + b"c3" * 32 + b"\n")
-    rc, result, _ = run_module(usb_stick, args, capsys, check_mode=True)
+    rc, result, _unused = run_module(usb_stick, args, capsys, check_mode=True)
     assert rc == 0 and result["changed"] and "key differs" in result["reason"]
-    rc, result, _ = run_module(usb_stick, args, capsys)
+    rc, result, _unused = run_module(usb_stick, args, capsys)
     assert rc == 0 and result["changed"]
-    rc, result, _ = run_module(usb_stick, args, capsys)
+    rc, result, _unused = run_module(usb_stick, args, capsys)
     assert not result["changed"]
 
 
