@@ -20,7 +20,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import threading
 import time

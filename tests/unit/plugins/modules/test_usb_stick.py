@@ -84,7 +84,7 @@ def test_check_mode_plans_and_touches_nothing(capsys, tmp_path, inputs):
 def test_missing_confirmation_fails(capsys, tmp_path, inputs):
     target = str(tmp_path / "stick.img")
     rc, result, _unused = run_module(usb_stick, dict(inputs, target=target, image_size="100M", confirm="/dev/sda"),
-                               capsys)
+                                     capsys)
     assert rc == 1 and "confirmation missing" in result["msg"] and not os.path.exists(target)
 
 
