@@ -98,7 +98,7 @@ def test_runtime_yml_declares_requires_ansible():
 
 
 def test_collection_imports_through_the_symlink():
-    """conftest put <repo>/collections first on sys.path: the namespace resolves here."""
+    """pytest.ini puts <repo>/collections on sys.path (pythonpath): the namespace resolves here."""
     import ansible_collections.stiefel.system as coll  # noqa: PLC0415
 
     paths = [Path(p).resolve() for p in coll.__path__]

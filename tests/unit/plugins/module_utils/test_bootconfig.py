@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_COLLECTIONS = Path(__file__).resolve().parents[4] / 'collections'
-if str(_COLLECTIONS) not in sys.path:
-    sys.path.insert(0, str(_COLLECTIONS))
-
-from ansible_collections.stiefel.system.plugins.module_utils import bootconfig as bc  # noqa: E402
+from ansible_collections.stiefel.system.plugins.module_utils import bootconfig as bc
 
 FIXTURES = Path(__file__).resolve().parents[2] / 'fixtures' / 'bootconfig'
 DEBIAN_ROOT_UUID = '5d3c4e2a-8f41-4b7a-9a57-2c8e1f0b9d11'

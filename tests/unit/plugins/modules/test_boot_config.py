@@ -4,18 +4,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
-_COLLECTIONS = Path(__file__).resolve().parents[4] / 'collections'
-if str(_COLLECTIONS) not in sys.path:
-    sys.path.insert(0, str(_COLLECTIONS))
-
-from ansible_collections.stiefel.system.plugins.module_utils import bootconfig  # noqa: E402
-from ansible_collections.stiefel.system.plugins.modules import boot_config as module  # noqa: E402
+from ansible_collections.stiefel.system.plugins.module_utils import bootconfig
+from ansible_collections.stiefel.system.plugins.modules import boot_config as module
 
 UUID = '5d3c4e2a-8f41-4b7a-9a57-2c8e1f0b9d11'
 
