@@ -125,7 +125,7 @@ def test_create_usbdrive_on_an_image_file(small_cache):
     key = keyfile.generate_key()
     keyfile.write_key_atomic(key_path, key)
     image = os.path.join(small_cache, "stick.img")
-    proc = ctl("create-usbdrive", image, "--yes", "--image-size", "300M", "--key", key_path, cache=small_cache)
+    proc = ctl("create-usbdrive", "--uefi-loader", "systemd-boot", image, "--yes", "--image-size", "300M", "--key", key_path, cache=small_cache)
     assert proc.returncode == 0, proc.stdout[-3000:]
     table = json.loads(subprocess.run(["sfdisk", "--json", image], capture_output=True, check=True,
                                       text=True).stdout)["partitiontable"]
@@ -137,9 +137,9 @@ def test_create_usbdrive_on_an_image_file(small_cache):
     assert keyfile.decode_key(entry.data) == key
     assert key.hex() not in proc.stdout + proc.stderr
     written = _sha(image)
-    proc = ctl("create-usbdrive", image, "--yes", "--key", key_path, cache=small_cache)
+    proc = ctl("create-usbdrive", "--uefi-loader", "systemd-boot", image, "--yes", "--key", key_path, cache=small_cache)
     assert proc.returncode == 0 and "changed=0" in proc.stdout and _sha(image) == written
-    proc = ctl("create-usbdrive", image, "--yes", "--check", "--key", key_path, cache=small_cache)
+    proc = ctl("create-usbdrive", "--uefi-loader", "systemd-boot", image, "--yes", "--check", "--key", key_path, cache=small_cache)
     assert proc.returncode == 0 and _sha(image) == written
 
 
@@ -147,7 +147,7 @@ def test_create_usbdrive_refuses_a_missing_target_without_a_size(small_cache):
     key_path = os.path.join(small_cache, "key")
     keyfile.write_key_atomic(key_path, keyfile.generate_key())
     target = os.path.join(small_cache, "absent.img")
-    proc = ctl("create-usbdrive", target, "--yes", "--key", key_path, cache=small_cache)
+    proc = ctl("create-usbdrive", "--uefi-loader", "systemd-boot", target, "--yes", "--key", key_path, cache=small_cache)
     assert proc.returncode == 1 and not os.path.exists(target)
 
 
