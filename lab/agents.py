@@ -93,3 +93,57 @@ def fake_boot(tmp):
     with open(os.path.join(boot, "stiefel", "boot.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     return boot
+
+
+# Run with /usr/bin/python3 (Debian's python3-libnbd; the venv has no nbd module): argv[1] is the scoped server
+# address, argv[2] a JSON spec. The socket is connected first and handed over because libnbd would send a URI's
+# host as TLS SNI, which nbdkit's GnuTLS refuses for an IPv6 literal ("disallowed SNI server name").
+NBD_PROBE = r"""
+import json, socket, sys, nbd
+host, spec = sys.argv[1], json.loads(sys.argv[2])
+
+def connect(psk_file):
+    sock = socket.create_connection((host, 10809), timeout=20)
+    h = nbd.NBD()
+    h.set_export_name("stiefel")
+    if psk_file:
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_username("stiefel")
+        h.set_tls_psk_file(psk_file)
+    else:
+        h.set_tls(nbd.TLS_DISABLE)
+    h.connect_socket(sock.detach())
+    return h
+
+out = {}
+if spec["io_psk"]:
+    h = connect(spec["io_psk"])
+    out.update(size=h.get_size(), can_flush=h.can_flush(), can_fua=h.can_fua(), tls=h.get_tls_negotiated())
+    block = b"stiefel" * 585 + b"!"
+    h.pwrite(block, 4096, flags=nbd.CMD_FLAG_FUA)
+    h.flush()
+    out["readback"] = "ok" if h.pread(4096, 4096) == block else "mismatch"
+    h.shutdown()
+for name, psk_file in spec["attempts"]:
+    try:
+        out[name] = "accepted %d" % connect(psk_file).get_size()
+    except (nbd.Error, OSError) as exc:
+        out[name] = "refused: %s" % exc
+print(json.dumps(out))
+"""
+
+
+def nbd_probe(ns, host, attempts, io_psk=None, netns=None):
+    """libnbd against the server's export from the client namespace (unless ``netns`` names another).
+
+    ``host`` is the scoped address (``fe80::…%veth``). With ``io_psk`` (a PSK file) it first opens the export over
+    TLS and records size, flush/FUA, negotiated TLS and a FUA write read back; then each ``(name, psk_file or
+    None)`` of ``attempts`` connects (None: plaintext) and is recorded as ``"accepted SIZE"`` or ``"refused: …"``.
+    Returns that dict.
+    """
+    spec = json.dumps({"io_psk": io_psk, "attempts": [list(attempt) for attempt in attempts]})
+    proc = subprocess.run(ns.exec_argv(netns or ns.client, "/usr/bin/python3", "-c", NBD_PROBE, host, spec),
+                          capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise AssertionError("the NBD probe failed (rc=%d):\n%s" % (proc.returncode, proc.stderr))
+    return json.loads(proc.stdout)

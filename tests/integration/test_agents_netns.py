@@ -19,7 +19,7 @@ import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
 from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file as _sha
-from lab.agents import AGENTS, ENV, PYTHON, Agent
+from lab.agents import AGENTS, ENV, PYTHON, Agent, nbd_probe
 from lab.agents import fake_boot as _fake_boot
 from lab.agents import run_client as _client
 from lab.agents import write_key as _write_key
@@ -30,39 +30,6 @@ from lab.netns import run as _run
 # pylint: disable=subprocess-run-check,disallowed-name
 
 pytestmark = pytest.mark.integration
-
-NBD_PROBE = """
-import json, socket, nbd
-
-def connect(tls, psk_file):
-    sock = socket.create_connection(("%(host)s", 10809), timeout=20)
-    h = nbd.NBD()
-    h.set_export_name("stiefel")
-    if tls:
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_username("stiefel")
-        h.set_tls_psk_file(psk_file)
-    else:
-        h.set_tls(nbd.TLS_DISABLE)
-    h.connect_socket(sock.detach())
-    return h
-
-h = connect(True, "%(psk)s")
-out = {"size": h.get_size(), "can_flush": h.can_flush(), "can_fua": h.can_fua(), "tls": h.get_tls_negotiated()}
-block = b"stiefel" * 585 + b"!"
-h.pwrite(block, 4096, flags=nbd.CMD_FLAG_FUA)
-h.flush()
-out["readback"] = "ok" if h.pread(4096, 4096) == block else "mismatch"
-h.shutdown()
-for name, tls, psk in (("plaintext", False, None), ("wrong_psk", True, "%(psk)s.wrong")):
-    try:
-        connect(tls, psk).get_size()
-        out[name] = "accepted"
-    except Exception as exc:
-        out[name] = "refused: %%s" %% exc
-print(json.dumps(out))
-"""
-
 
 def test_server_and_client(world):
     ns, tmp, agents = world
@@ -117,14 +84,12 @@ def test_server_and_client(world):
     with open(psk_file + ".wrong", "w") as handle:
         handle.write("stiefel:" + "ab" * 32 + "\n")
     server_addr = manifest["server"]
-    # Exactly the hook's addressing: the server's scoped link-local address. libnbd would send the host of a
-    # URI as TLS SNI, which nbdkit's GnuTLS refuses for an IPv6 literal ("disallowed SNI server name"), so
-    # the socket is connected first and handed over (as nbdkit's nbd plugin can with socket-fd=).
-    probe = NBD_PROBE % {"host": "%s%%%s" % (server_addr, manifest["interface"]), "psk": psk_file}
-    info = subprocess.run(ns.exec_argv(ns.client, "/usr/bin/python3", "-c", probe), capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert info.returncode == 0, info.stderr + server.text()
-    doc = json.loads(info.stdout)
+    # Exactly the hook's addressing: the server's scoped link-local address.
+    try:
+        doc = nbd_probe(ns, "%s%%%s" % (server_addr, manifest["interface"]),
+                        [("plaintext", None), ("wrong_psk", psk_file + ".wrong")], io_psk=psk_file)
+    except AssertionError as exc:
+        raise AssertionError("%s\nserver:\n%s" % (exc, server.text())) from exc
     assert doc["size"] == 64 * 1024 * 1024
     assert doc["can_flush"] and doc["can_fua"] and doc["tls"]
     assert doc["readback"] == "ok"

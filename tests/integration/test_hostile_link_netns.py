@@ -27,7 +27,7 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
-from lab.agents import PYTHON, REPO, fake_boot, write_key
+from lab.agents import PYTHON, REPO, fake_boot, nbd_probe, write_key
 from lab.netns import run as _run
 
 pytestmark = pytest.mark.integration
@@ -344,31 +344,6 @@ def test_control_characters_in_an_http_path_reach_the_console_escaped(world):
 
 # ------------------------------------------------------------------ listening only on the link in use
 
-NBD_ATTEMPTS = r"""
-import socket, sys, nbd
-host, psk_file = sys.argv[1], sys.argv[2]
-
-def attempt(tls):
-    sock = socket.create_connection((host, 10809), timeout=20)
-    h = nbd.NBD()
-    h.set_export_name("stiefel")
-    if tls:
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_username("stiefel")
-        h.set_tls_psk_file(psk_file)
-    else:
-        h.set_tls(nbd.TLS_DISABLE)
-    try:
-        h.connect_socket(sock.detach())
-        print("accepted", h.get_size())
-    except nbd.Error as exc:
-        print("refused:", exc)
-
-attempt(False)
-attempt(True)
-"""
-
-
 def _reachable(ns_name, host, port):
     probe = ("import socket, sys\n"
              "try:\n"
@@ -447,10 +422,9 @@ def _listening_test(world, other_ns, other_s, other_x):
     wrong = os.path.join(tmp, "wrong.psk")
     with open(wrong, "w") as handle:
         handle.write("stiefel:%s\n" % ("cd" * 32))
-    out = _run(*ns.exec_argv(ns.client, "/usr/bin/python3", "-c", NBD_ATTEMPTS, "%s%%%s" % (server_addr, ns.veth_c),
-                             wrong)).stdout
+    out = nbd_probe(ns, "%s%%%s" % (server_addr, ns.veth_c), [("plaintext", None), ("wrong_psk", wrong)])
     print(out)
-    assert out.count("refused") == 2, out
+    assert all(result.startswith("refused") for result in out.values()) and len(out) == 2, out
     server.wait_for(r"dropped input from nbd port 10809: connection #\d+: plaintext NBD refused", 10)
     server.wait_for(r"dropped input from nbd port 10809: connection #\d+: TLS handshake failed: .*wrong or stale PSK",
                     10)
