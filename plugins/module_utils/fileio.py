@@ -8,8 +8,10 @@ Standard library only: the runtime on the targets uses it as well as the modules
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 
 _CHUNK = 1 << 20
@@ -23,37 +25,54 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def write_atomic(path, data, mode=0o600, uid=-1, gid=-1):
-    """Replace ``path`` with ``data`` (bytes, or text written as UTF-8).
+@contextlib.contextmanager
+def replacing(path, mode=0o600, uid=-1, gid=-1):
+    """A binary file object that replaces ``path`` when the block ends without an exception.
 
-    The temporary file is made 0600 in the target directory (a key is never
-    readable by others, not even half-written), synced, given its owner and
-    ``mode`` and renamed over ``path``; the directory is synced so the rename
-    survives a crash.
+    It is a temporary file of a name no other writer has, made 0600 in the target directory (a key is never
+    readable by others, not even half-written, and two writers never share one). At the end it is synced, given
+    its owner and ``mode`` and renamed over ``path``, and the directory is synced so the rename survives a crash;
+    a reader that has ``path`` open keeps the whole old file. After an exception the temporary file is removed
+    and ``path`` is untouched. ``handle.name`` is the temporary file's path, for reading back what was written
+    before the rename (afterwards ``path`` may already be another writer's).
     """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path)[:32], dir=directory)
     try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        if uid != -1 or gid != -1:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-        os.close(fd)
-        fd = -1
+        # opened by name so that handle.name is the temporary file (a hash of it before the rename)
+        with open(tmp, "wb") as handle:
+            os.close(fd)
+            fd = handle.fileno()
+            os.fchmod(fd, 0o600)
+            yield handle
+            handle.flush()
+            os.fsync(fd)
+            if uid != -1 or gid != -1:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(directory)
     finally:
-        if fd != -1:
-            os.close(fd)
         if tmp is not None:
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def write_atomic(path, data, mode=0o600, uid=-1, gid=-1):
+    """Replace ``path`` with ``data`` (bytes, or text written as UTF-8), as :func:`replacing` does."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with replacing(path, mode, uid, gid) as handle:
+        handle.write(data)
+
+
+def copy_atomic(src, path, mode=0o644):
+    """Replace ``path`` with a copy of the file ``src``, as :func:`replacing` does."""
+    with open(src, "rb") as source, replacing(path, mode) as handle:
+        shutil.copyfileobj(source, handle, _CHUNK)
 
 
 def hash_file(path, start=0, length=None):

@@ -39,7 +39,13 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest
 from ansible_collections.stiefel.system.plugins.module_utils.errors import RamdiskBuildError
-from ansible_collections.stiefel.system.plugins.module_utils.fileio import sha256_file, write_atomic
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import (
+    copy_atomic,
+    hash_file,
+    replacing,
+    sha256_file,
+    write_atomic,
+)
 from ansible_collections.stiefel.system.plugins.module_utils.ramdisk_apt import read_host_sources, select_mirrors
 from ansible_collections.stiefel.system.plugins.module_utils.ramdisk_modules import parse_modules_dep, select_modules
 from ansible_collections.stiefel.system.plugins.module_utils.ramdisk_pack import pack_tree, zstd_options
@@ -77,6 +83,11 @@ def read_json(path):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _file_entry(path):
+    size, digest = hash_file(path)
+    return {"size": size, "sha256": digest}
 
 
 def write_json_atomic(path, data, mode=0o644):
@@ -271,7 +282,7 @@ class RamdiskBuilder:
         if len(kernels) != 1:
             raise RamdiskBuildError("expected one kernel in %s/boot, found %d" % (root, len(kernels)))
         kver = os.path.basename(kernels[0])[len("vmlinuz-"):]
-        shutil.copyfile(kernels[0], os.path.join(self.base_dir, "vmlinuz"))
+        copy_atomic(kernels[0], os.path.join(self.base_dir, "vmlinuz"))
         # package versions, before the package state goes
         out = subprocess.run(["dpkg-query", "--admindir=%s/var/lib/dpkg" % root, "-W",
                               "-f", "${Package}\t${Version}\n"], check=True, capture_output=True, text=True).stdout
@@ -430,9 +441,10 @@ class RamdiskBuilder:
         start = time.monotonic()
         initrd = os.path.join(self.out, "initrd.img")
         kernel = os.path.join(self.out, "vmlinuz")
-        tmp = initrd + ".tmp"
         archives = 0
-        with open(tmp, "wb") as dst:
+        # Each output is a temporary file of its own until it is whole and renamed over the old one: a second
+        # build into the same cache, or a reader copying the previous initrd, never sees half of either.
+        with replacing(initrd, 0o644) as dst:
             for part in (self.base_archive, self.overlay_archive):
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -442,9 +454,13 @@ class RamdiskBuilder:
             # so the file ends on one. The kernel skips zero padding; the zstd tool
             # does not, so readers take the first initrd_archives_bytes only.
             dst.write(b"\0" * ((4 - archives % 4) % 4))
-        os.replace(tmp, initrd)
-        shutil.copyfile(os.path.join(self.base_dir, "vmlinuz"), kernel + ".tmp")
-        os.replace(kernel + ".tmp", kernel)
+            dst.flush()
+            # hashed under its own name: once renamed, another build may already have replaced it
+            files = {"initrd.img": _file_entry(dst.name)}
+        with open(os.path.join(self.base_dir, "vmlinuz"), "rb") as src, replacing(kernel, 0o644) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            files["vmlinuz"] = _file_entry(dst.name)
         pkgs = stamp.get("packages") or {}
         manifest = {
             "format": FORMAT_VERSION,
@@ -472,8 +488,7 @@ class RamdiskBuilder:
             "initrd_uncompressed_bytes": (base_meta.get("uncompressed_bytes") or 0)
             + (overlay_meta.get("uncompressed_bytes") or 0),
             "compression": self.compression,
-            "files": {name: {"size": os.path.getsize(p), "sha256": sha256_file(p)}
-                      for name, p in (("vmlinuz", kernel), ("initrd.img", initrd))},
+            "files": files,
         }
         write_json_atomic(manifest_path, manifest)
         with open(log, "a", encoding="utf-8") as f:

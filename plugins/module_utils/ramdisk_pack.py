@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import RamdiskBuildError
+from ansible_collections.stiefel.system.plugins.module_utils.fileio import replacing
 
 
 def tree_names(root):
@@ -47,13 +48,15 @@ def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
     Returns the uncompressed size in bytes.
     """
     names = tree_names(root)
-    tmp = out_path + ".tmp"
     cpio_argv = ["cpio", "--null", "--create", "--format=newc", "--reproducible", "--quiet"]
     if owner_root:
         cpio_argv.append("--owner=0:0")
-    zstd_argv = ["zstd", "-q"] + zstd_options(level, long_window) + ["-T0", "-f", "-o", tmp]
-    with open(log_path, "ab") as log:
-        log.write(("\n$ %s | %s  (%d entries)\n" % (" ".join(cpio_argv), " ".join(zstd_argv), len(names))).encode())
+    zstd_argv = ["zstd", "-q"] + zstd_options(level, long_window) + ["-T0", "-c"]
+    # A temporary file of its own until it is whole: another build into the same cache, or a reader of the
+    # previous archive, never sees a part of this one.
+    with open(log_path, "ab") as log, replacing(out_path, 0o644) as out:
+        log.write(("\n$ %s | %s > %s  (%d entries)\n" % (" ".join(cpio_argv), " ".join(zstd_argv), out.name,
+                                                          len(names))).encode())
         log.flush()
         start = time.monotonic()
         # cpio reads the NUL-separated name list from a file (no pipe deadlock)
@@ -62,7 +65,7 @@ def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
             nf.flush()
             nf.seek(0)
             cpio = subprocess.Popen(cpio_argv, cwd=root, stdin=nf, stdout=subprocess.PIPE, stderr=log)
-            zstd = subprocess.Popen(zstd_argv, stdin=subprocess.PIPE, stderr=log)
+            zstd = subprocess.Popen(zstd_argv, stdin=subprocess.PIPE, stdout=out, stderr=log)
             size = 0
             while True:
                 chunk = cpio.stdout.read(1 << 20)
@@ -74,12 +77,8 @@ def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
             cpio_rc = cpio.wait()
             zstd_rc = zstd.wait()
         log.write(("# cpio rc=%d zstd rc=%d, %d bytes in, %d bytes out, %.1f s\n"
-                   % (cpio_rc, zstd_rc, size, os.path.getsize(tmp) if os.path.exists(tmp) else -1,
-                      time.monotonic() - start)).encode())
-    if cpio_rc != 0 or zstd_rc != 0:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise RamdiskBuildError("packing %s failed (cpio rc %d, zstd rc %d); see %s"
-                                % (root, cpio_rc, zstd_rc, log_path))
-    os.replace(tmp, out_path)
+                   % (cpio_rc, zstd_rc, size, os.fstat(out.fileno()).st_size, time.monotonic() - start)).encode())
+        if cpio_rc != 0 or zstd_rc != 0:
+            raise RamdiskBuildError("packing %s failed (cpio rc %d, zstd rc %d); see %s"
+                                    % (root, cpio_rc, zstd_rc, log_path))
     return size
