@@ -27,6 +27,13 @@ The config file is the contract "autokexec config" of docs/dev/contracts.md
 ``stiefel.role=server``). Discovery is answered on every interface; a NIC with
 one of ``trigger_macs`` appearing also triggers. Scratch files go to
 ``$RUNTIME_DIRECTORY`` (the unit's ``/run/stiefel-autokexec``).
+
+Under Secure Boot lockdown the running kernel only kexecs (kexec_file_load)
+a server kernel signed by a key it trusts. ``--check-kexec`` asks it (a trial
+``kexec -s -l`` of the server kernel and initrd, then ``kexec -s -u``) and
+exits 1 with what to do when it would refuse: setup_server.yml runs it on the
+running laptop, and the agent runs the same check when it starts, logging the
+result on the console.
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ import json
 import os
 import re
 import select
+import subprocess
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, messages
+from stiefel_runtime import discovery, kexec, lockdown, messages
 from stiefel_runtime.common import Console, parse_cmdline, run_agent
 from stiefel_runtime.netlink import LINK_ADDED, LinkManager
 
@@ -152,6 +160,26 @@ class Decider(object):
         return reply, None
 
 
+def check_kexec(config, log, run=subprocess.run, dry_run=False, **lockdown_paths):
+    """True if the running kernel would kexec the server kernel; logs what was found, or why not and what to do.
+
+    The server initrd goes in the trial as it is: initrds are not signature-checked, and the key
+    stays out of the scratch directory until a desktop asks.
+    """
+    try:
+        found = lockdown.check_kernel(config["ramdisk_kernel"], run=run, log=log, initrd=config["ramdisk_initrd"],
+                                      cmdline=config["server_cmdline"], who=lockdown.LAPTOP, dry_run=dry_run,
+                                      **lockdown_paths)
+    except lockdown.LockdownRefusal as exc:
+        log("kexec check: REFUSED: %s" % exc)
+        return False
+    except (StiefelError, OSError) as exc:
+        log("kexec check: REFUSED: cannot check the stiefel server kernel %s: %s" % (config["ramdisk_kernel"], exc))
+        return False
+    log("kexec check: %s" % found)
+    return True
+
+
 class AutokexecAgent(object):
     def __init__(self, config, console, run_dir=None, dry_run=False, discovery_port=discovery.PORT,
                  proc_cmdline_path="/proc/cmdline"):
@@ -214,6 +242,8 @@ class AutokexecAgent(object):
             self.console("this system was booted by stiefel (stiefel.mac= on the kernel command line): "
                          "autokexec stays idle")
             return 0
+        # Listen either way: the refusal is on the console, and a desktop that asks sees the kexec fail.
+        check_kexec(self.config, self.console, dry_run=self.dry_run)
         macs = set(self.config["trigger_macs"])
         # Links named in the config are stiefel links: the laptop's network
         # manager is told to leave them alone, so autokexec brings them up
@@ -251,6 +281,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="print the kexec commands instead of running them (tests on a host)")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--check-kexec", action="store_true",
+                        help="only check that the running kernel would kexec the server kernel (exit 1 if not)")
     args = parser.parse_args(argv)
     console = Console("stiefel-autokexec", debug=args.debug)
 
@@ -258,6 +290,8 @@ def main(argv=None):
         config = load_config(args.config)
         if args.key:
             config["key_path"] = args.key
+        if args.check_kexec:
+            return 0 if check_kexec(config, console, dry_run=args.dry_run) else 1
         return AutokexecAgent(config, console, run_dir=args.run_dir, dry_run=args.dry_run,
                               proc_cmdline_path=args.proc_cmdline).run()
 

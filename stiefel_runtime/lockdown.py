@@ -16,6 +16,7 @@ mokutil, or turn Secure Boot off in the firmware).
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import subprocess
@@ -34,12 +35,26 @@ MAX_SIGNATURES = 16
 
 # Errnos of kexec_file_load as kexec-tools prints them (strerror), and what they mean here.
 KEXEC_REASONS = (
-    ("No data available", "the laptop's kernel carries no signature"),
-    ("Required key not available", "it does not trust the key that signed the laptop's kernel"),
-    ("Key was rejected by service", "the laptop kernel's signature does not match its contents"),
-    ("Bad message", "the laptop kernel's signature cannot be read"),
+    ("No data available", "{kernel} carries no signature"),
+    ("Required key not available", "it does not trust the key that signed {kernel}"),
+    ("Key was rejected by service", "{kernel_s} signature does not match its contents"),
+    ("Bad message", "{kernel_s} signature cannot be read"),
     ("Operation not permitted", "it refuses to load any kernel in this lockdown state"),
 )
+
+
+class Perspective(collections.namedtuple("Perspective", "machine kernel kernel_s own publisher")):
+    """Who asks and about which kernel: the words of a refusal.
+
+    The desktop's client checks the laptop's kernel before it kexecs it; the laptop checks, at setup
+    and when autokexec starts, the stiefel server kernel it will kexec into when a desktop asks.
+    """
+
+
+DESKTOP = Perspective("desktop", "the laptop's kernel", "the laptop kernel's",
+                      "this desktop's kernel (Debian's, from the stick)", "the laptop distribution publishes it")
+LAPTOP = Perspective("laptop", "the stiefel server kernel", "the stiefel server kernel's",
+                     "this laptop's running kernel", "Debian's, the server kernel's signer; shim-signed carries it")
 
 
 class PEError(StiefelError, ValueError):
@@ -184,55 +199,74 @@ def kernel_signers(path):
     return [signer_of(der) for der in pe_signatures(data)]
 
 
-def refusal_text(reason, signers, secure_boot):
-    """The desktop screen's explanation: why, who signed it, what the person can do."""
+def refusal_text(reason, signers, secure_boot, who=DESKTOP):
+    """The person's explanation (desktop screen or setup_server.yml): why, who signed it, what to do."""
     why = "Secure Boot is on" if secure_boot else "the kernel is locked down"
-    lines = ["This desktop cannot start the laptop's kernel: %s, and %s." % (why, reason)]
+    lines = ["This %s cannot start %s: %s, and %s." % (who.machine, who.kernel, why, reason)]
     if signers:
         subject, issuer = signers[0]
-        lines.append("The laptop's kernel is signed by '%s' (issued by '%s'); this desktop's kernel "
-                     "(Debian's, from the stick) does not trust that key." % (subject, issuer))
-        lines.append("To boot it: enroll the '%s' certificate on this desktop with 'mokutil --import "
-                     "<certificate.der>' (the laptop distribution publishes it) and confirm it in MokManager "
-                     "at the next start, or turn Secure Boot off in this desktop's firmware setup." % issuer)
+        lines.append("%s is signed by '%s' (issued by '%s'); %s does not trust that key."
+                     % (who.kernel[0].upper() + who.kernel[1:], subject, issuer, who.own))
+        lines.append("To boot it: enroll the '%s' certificate on this %s with 'mokutil --import "
+                     "<certificate.der>' (%s) and confirm it in MokManager at the next start, or turn Secure "
+                     "Boot off in this %s's firmware setup." % (issuer, who.machine, who.publisher, who.machine))
     else:
-        lines.append("To boot it: sign the laptop's kernel and enroll that key with 'mokutil --import', "
-                     "use a signed kernel from the laptop's distribution, or turn Secure Boot off in this "
-                     "desktop's firmware setup.")
+        lines.append("To boot it: sign %s and enroll that key with 'mokutil --import', use a signed kernel from "
+                     "%s distribution, or turn Secure Boot off in this %s's firmware setup."
+                     % (who.kernel, "the laptop's" if who is DESKTOP else "Debian's (linux-image-amd64) or this laptop's",
+                        who.machine))
     return " ".join(lines)
 
 
-def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockdown_path=LOCKDOWN_PATH,
-                 secure_boot_path=SECURE_BOOT_VAR, dry_run=False, mounts=SYSFS_MOUNTS):
-    """Raise LockdownRefusal if a locked-down kernel would refuse to kexec ``kernel``; else return.
+def trial_argv(kernel, initrd=None, cmdline=None, kexec="kexec"):
+    """``kexec -s -l``: kexec_file_load, the only load a locked-down kernel allows (it checks the signature)."""
+    return ([kexec, "-s", "-l"] + (["--initrd=" + initrd] if initrd else [])
+            + (["--command-line=" + cmdline] if cmdline else []) + [kernel])
 
-    Without lockdown this only reads one sysfs file (mounting securityfs first if need be).
-    ``run`` is the subprocess seam.
+
+def unload_argv(kexec="kexec"):
+    """Plain ``kexec -u`` is kexec_load's unload, refused under lockdown; ``-s -u`` is kexec_file_load's."""
+    return [kexec, "-s", "-u"]
+
+
+def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockdown_path=LOCKDOWN_PATH,
+                 secure_boot_path=SECURE_BOOT_VAR, dry_run=False, mounts=SYSFS_MOUNTS, initrd=None, cmdline=None,
+                 who=DESKTOP):
+    """Raise LockdownRefusal if a locked-down kernel would refuse to kexec ``kernel``; else say why not.
+
+    Without lockdown this only reads one sysfs file (mounting securityfs first if need be). Under
+    lockdown it loads ``kernel`` (with ``initrd`` and ``cmdline`` when given) by kexec_file_load and
+    unloads it again: the running kernel is the judge. ``run`` is the subprocess seam. Returns one
+    line saying what was found, for the log.
     """
     if dry_run:  # the agents' --dry-run runs on hosts (locked down or not) with stand-in kernels
-        log("dry-run: would check the laptop kernel's signature if this kernel is locked down")
-        return
+        log("dry-run: would check the signature of %s if this kernel is locked down" % who.kernel)
+        return "dry run: not checked"
     mount_missing(run, mounts)
     state = lockdown_state(lockdown_path)
     if state in (None, "none"):
-        return
+        return "this kernel is not locked down (lockdown: %s): no signature needed" % (state or "no LSM")
     secure_boot = secure_boot_enabled(secure_boot_path)
-    log("lockdown: %s (Secure Boot %s): checking the laptop kernel's signature"
-        % (state, {True: "on", False: "off", None: "unknown"}[secure_boot]))
+    sb_word = {True: "on", False: "off", None: "unknown"}[secure_boot]
+    log("lockdown: %s (Secure Boot %s): checking the signature of %s" % (state, sb_word, who.kernel))
     try:
         signers = kernel_signers(kernel)
     except PEError as exc:
-        raise LockdownRefusal(refusal_text("the laptop's kernel is not a signed EFI image (%s)" % exc, [],
-                                           secure_boot)) from None
+        raise LockdownRefusal(refusal_text("%s is not a signed EFI image (%s)" % (who.kernel, exc), [],
+                                           secure_boot, who)) from None
     if not signers:
-        raise LockdownRefusal(refusal_text("the laptop's kernel carries no signature", [], secure_boot))
-    log("lockdown: the laptop kernel is signed by %s" % "; ".join("%s (%s)" % s for s in signers))
-    proc = run([kexec, "-s", "-l", kernel], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        raise LockdownRefusal(refusal_text("%s carries no signature" % who.kernel, [], secure_boot, who))
+    signed_by = "; ".join("%s (%s)" % s for s in signers)
+    log("lockdown: %s is signed by %s" % (who.kernel, signed_by))
+    proc = run(trial_argv(kernel, initrd, cmdline, kexec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+               check=False)
     output = proc.stdout.decode("utf-8", "replace") if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
     if proc.returncode == 0:
-        run([kexec, "-s", "-u"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-        log("lockdown: the kernel accepts the laptop's kernel")
-        return
-    reason = next((why for errtext, why in KEXEC_REASONS if errtext in output),
-                  "kexec_file_load refused the laptop's kernel (%s)" % output.strip()[-200:])
-    raise LockdownRefusal(refusal_text(reason, signers, secure_boot))
+        run(unload_argv(kexec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        log("lockdown: the kernel accepts %s" % who.kernel)
+        return ("accepted: lockdown %s, Secure Boot %s, %s (signed by %s) loads with kexec -s -l"
+                % (state, sb_word, who.kernel, signed_by))
+    reason = next((why.format(kernel=who.kernel, kernel_s=who.kernel_s) for errtext, why in KEXEC_REASONS
+                   if errtext in output),
+                  "kexec_file_load refused %s (%s)" % (who.kernel, output.strip()[-200:]))
+    raise LockdownRefusal(refusal_text(reason, signers, secure_boot, who))

@@ -1,5 +1,8 @@
 """Unit tests for stiefel_runtime.lockdown: lockdown state, the PE/COFF signature table, the refusal text.
 
+The laptop's side is here too: ``autokexec.check_kexec`` (``stiefel-autokexec --check-kexec`` and the
+check at agent start) asks the same question about the stiefel server kernel, in the laptop's words.
+
 The signed images are the real ones from shim-signed and grub-efi-amd64-signed (skipped without
 them); kexec is the subprocess seam (a fake ``run`` records argv and answers as the kernel would,
 with the strerror texts measured under lockdown in QEMU: issue 15).
@@ -7,6 +10,7 @@ with the strerror texts measured under lockdown in QEMU: issue 15).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -17,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stiefel_runtime import lockdown
+from stiefel_runtime import autokexec, lockdown
 
 SIGNED_GRUB = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"
@@ -163,6 +167,8 @@ class FakeKexec:
         self.calls.append(list(argv))
         if argv[1:3] == ["-s", "-l"]:
             return types.SimpleNamespace(returncode=self.load_rc, stdout=self.load_output)
+        if argv[1:] == ["-u"] or argv[1:3] in (["-c", "-l"], ["-l"]):  # kexec_load's, refused under lockdown
+            return types.SimpleNamespace(returncode=1, stdout=b"kexec_load failed: Operation not permitted\n")
         return types.SimpleNamespace(returncode=0, stdout=b"")
 
 
@@ -265,3 +271,111 @@ def test_dry_run_never_calls_kexec(locked):
     run = FakeKexec()
     lockdown.check_kernel(SIGNED_GRUB, run=run, dry_run=True, **locked)
     assert run.calls == []
+
+
+# --------------------------------------------------------------------------- the laptop's check (autokexec)
+CMDLINE = "stiefel.role=server stiefel.disk=/dev/vda stiefel.boot=/dev/vda console=ttyS0"
+
+
+def server_config(kernel, tmp_path):
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"070701")
+    return {"ramdisk_kernel": kernel, "ramdisk_initrd": str(initrd), "server_cmdline": CMDLINE}
+
+
+def sysfs_files(tmp_path, state="none [integrity] confidentiality\n", secure_boot=b"\x06\0\0\0\x01"):
+    (tmp_path / "lockdown").write_text(state)
+    (tmp_path / "SecureBoot").write_bytes(secure_boot)
+    return {"lockdown_path": str(tmp_path / "lockdown"), "secure_boot_path": str(tmp_path / "SecureBoot"),
+            "mounts": ()}
+
+
+def laptop_check(kernel, tmp_path, run, state="none [integrity] confidentiality\n", **kw):
+    lines = []
+    ok = autokexec.check_kexec(server_config(kernel, tmp_path), lines.append, run=run, **dict(sysfs_files(tmp_path, state), **kw))
+    return ok, lines
+
+
+@needs_images
+def test_accepted_loads_server_kernel_and_initrd_then_unloads_with_s(tmp_path):
+    run = FakeKexec()
+    ok, lines = laptop_check(SIGNED_GRUB, tmp_path, run)
+    assert ok
+    assert run.calls == [["kexec", "-s", "-l", "--initrd=" + str(tmp_path / "initrd.img"), "--command-line=" + CMDLINE,
+                          SIGNED_GRUB], ["kexec", "-s", "-u"]]
+    assert lines[-1] == ("kexec check: accepted: lockdown integrity, Secure Boot on, the stiefel server kernel "
+                         "(signed by Debian Secure Boot Signer 2022 - grub2 (Debian Secure Boot CA)) loads with "
+                         "kexec -s -l")
+
+
+def test_not_locked_down_needs_no_trial(tmp_path):
+    run = FakeKexec()
+    ok, lines = laptop_check(str(tmp_path / "absent"), tmp_path, run, state="[none] integrity confidentiality\n")
+    assert ok and run.calls == []
+    assert lines == ["kexec check: this kernel is not locked down (lockdown: none): no signature needed"]
+
+
+@needs_images
+@pytest.mark.parametrize("output,reason", [
+    (b"kexec_file_load failed: No data available\n", "the stiefel server kernel carries no signature"),
+    (b"kexec_file_load failed: Required key not available\n",
+     "it does not trust the key that signed the stiefel server kernel"),
+    (b"kexec_file_load failed: Key was rejected by service\n",
+     "the stiefel server kernel's signature does not match its contents"),
+    (b"kexec_file_load failed: Operation not permitted\n", "it refuses to load any kernel in this lockdown state"),
+])
+def test_refusals_say_which_key_and_what_to_do(tmp_path, output, reason):
+    run = FakeKexec(1, output)
+    ok, lines = laptop_check(SIGNED_SHIM, tmp_path, run)
+    assert not ok
+    msg = lines[-1]
+    assert msg.startswith("kexec check: REFUSED: This laptop cannot start the stiefel server kernel: Secure Boot is "
+                          "on, and %s." % reason)
+    assert ("The stiefel server kernel is signed by 'Microsoft Windows UEFI Driver Publisher' (issued by "
+            "'Microsoft Corporation UEFI CA 2011'); this laptop's running kernel does not trust that key.") in msg
+    assert "enroll the 'Microsoft Corporation UEFI CA 2011' certificate on this laptop with 'mokutil --import" in msg
+    assert "turn Secure Boot off in this laptop's firmware setup" in msg
+    # never a kexec_load attempt, nor its unload, under lockdown
+    assert [argv[1:3] for argv in run.calls] == [["-s", "-l"]]
+
+
+@needs_images
+def test_unsigned_server_kernel_refused_without_trying(tmp_path):
+    run = FakeKexec()
+    ok, lines = laptop_check(UNSIGNED_SHIM, tmp_path, run)
+    assert not ok and run.calls == []
+    assert lines[-1].startswith("kexec check: REFUSED: This laptop cannot start the stiefel server kernel: Secure "
+                                "Boot is on, and the stiefel server kernel carries no signature.")
+    assert "Debian's (linux-image-amd64)" in lines[-1]
+
+
+def test_missing_server_kernel_is_a_refusal(tmp_path):
+    ok, lines = laptop_check(str(tmp_path / "absent"), tmp_path, FakeKexec())
+    assert not ok and lines[-1].startswith("kexec check: REFUSED: cannot check the stiefel server kernel")
+
+
+def test_dry_run_never_calls_kexec(tmp_path):
+    run = FakeKexec()
+    ok, _lines = laptop_check(SIGNED_GRUB, tmp_path, run, dry_run=True)
+    assert ok and run.calls == []
+
+
+@needs_images
+def test_check_kexec_verb_exit_codes(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "autokexec.json"
+    doc = {"format": "stiefel-autokexec-config", "version": 1, "key_path": "/etc/stiefel/key",
+           "ramdisk_kernel": SIGNED_SHIM, "ramdisk_initrd": str(tmp_path / "initrd.img"), "server_cmdline": CMDLINE,
+           "trigger_macs": []}
+    cfg.write_text(json.dumps(doc))
+    fake = FakeKexec(1, b"kexec_file_load failed: Required key not available\n")
+    real = lockdown.check_kernel
+
+    def locked_check(kernel, **kw):
+        return real(kernel, **dict(kw, run=fake, **sysfs_files(tmp_path)))
+
+    monkeypatch.setattr(lockdown, "check_kernel", locked_check)
+    assert autokexec.main(["--config", str(cfg), "--check-kexec"]) == 1
+    assert "kexec check: REFUSED: This laptop cannot start the stiefel server kernel" in capsys.readouterr().out
+    fake.load_rc = 0
+    assert autokexec.main(["--config", str(cfg), "--check-kexec"]) == 0
+    assert "kexec check: accepted: lockdown integrity, Secure Boot on" in capsys.readouterr().out
