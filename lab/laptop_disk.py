@@ -1,16 +1,20 @@
 """Build the virtual laptop of the end-to-end scenario.
 
 A real Debian bookworm (mmdebstrap, the host's apt sources) with its own
-kernel and initramfs, on a GPT disk image with GRUB (BIOS), so it boots on
-its own in QEMU. The project's setup_server.yml is applied to the root
+kernel and initramfs, on a GPT disk image that boots on its own in QEMU:
+``firmware="bios"`` GRUB for i386-pc, or ``firmware="uefi"`` the way a Debian
+laptop with Secure Boot boots (an ESP with shim as the removable-media loader,
+Debian's signed GRUB, a grub.cfg stub that loads the root's /boot/grub/grub.cfg,
+and the root's Debian-signed kernel). The project's setup_server.yml is applied to the root
 through a chroot connection before the root is packed into the image, so
 what boots is what the playbook made.
 
 Steps are separate so molecule's create can run them with progress:
   root      mmdebstrap the root (cached as a tarball keyed by its inputs)
   unpack    unpack it to a working root directory and add the test fixtures
-  image     make the disk image from the root: GPT, BIOS boot partition,
-            ext4 root (mkfs.ext4 -d), GRUB for i386-pc
+  image     make the disk image from the root: GPT, ext4 root (mkfs.ext4 -d),
+            and --firmware bios (BIOS boot partition, GRUB for i386-pc) or
+            uefi (ESP: shim, signed GRUB, grub.cfg stub)
 """
 
 from __future__ import annotations
@@ -42,8 +46,26 @@ HOSTNAME = "stiefel-laptop"
 ROOT_UUID = "5f1e7a2c-0d3b-4c8e-9a61-2b7c4d5e6f70"
 DISK_SIZE = 3 << 30
 BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-ROOT_START_SECTOR = 4096  # 2 MiB
+FIRMWARES = ("bios", "uefi")
+ESP_SECTORS = 65536  # 32 MiB: shim and GRUB take 5 MiB
+ESP_VOLUME_ID = "5F1E7A2C"
+# Where the root partition starts: after a 1 MiB BIOS boot partition, or after the ESP.
+ROOT_START = {"bios": 4096, "uefi": 2048 + ESP_SECTORS}
+ROOT_START_SECTOR = ROOT_START["bios"]
+# The host's Secure Boot chain: shim-signed (Microsoft-signed, carries Debian's CA) and
+# grub-efi-amd64-signed (signed by Debian's CA), the same files the stick's build uses. The root's
+# kernel is linux-image-amd64's, signed by Debian. No fbx64: it would write boot entries into NVRAM.
+SHIM = "/usr/lib/shim/shimx64.efi.signed"
+SIGNED_GRUB = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+# Debian's signed GRUB is one image with its modules built in; on removable media its prefix is
+# /EFI/debian and it reads EFI/BOOT/grub.cfg (or EFI/debian/grub.cfg) on the ESP. The stub finds
+# the root and hands over to the root's own grub.cfg, as grub-install writes it on a Debian laptop.
+GRUB_STUB = """search.fs_uuid {uuid} root
+set prefix=($root)/boot/grub
+configfile $prefix/grub.cfg
+"""
 
 
 def log(msg):
@@ -197,7 +219,57 @@ menuentry 'Debian GNU/Linux (stiefel laptop)' {{
 """
 
 
-def make_image(root, image, extra_cmdline=""):
+def esp_image(path, uuid=ROOT_UUID):
+    """A FAT ESP image file: shim as EFI/BOOT/BOOTX64.EFI, signed GRUB beside it, the grub.cfg stub."""
+    for need in (SHIM, SIGNED_GRUB):
+        if not os.path.exists(need):
+            raise SystemExit("%s missing (Debian packages shim-signed, grub-efi-amd64-signed)" % need)
+    if os.path.exists(path):
+        os.unlink(path)
+    run(["mkfs.fat", "-F", "16", "-n", "EFI", "-i", ESP_VOLUME_ID, "-C", path, str(ESP_SECTORS // 2)],
+        stdout=subprocess.DEVNULL)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    stub = path + ".grub.cfg"
+    with open(stub, "w") as handle:
+        handle.write(GRUB_STUB.format(uuid=uuid))
+    try:
+        run(["mmd", "-i", path, "::/EFI", "::/EFI/BOOT"], env=env)
+        for src, dst in ((SHIM, "EFI/BOOT/BOOTX64.EFI"), (SIGNED_GRUB, "EFI/BOOT/grubx64.efi"),
+                         (stub, "EFI/BOOT/grub.cfg")):
+            run(["mcopy", "-i", path, src, "::/" + dst], env=env)
+    finally:
+        os.unlink(stub)
+    return path
+
+
+def sbverify_loaders(image, root, workdir):
+    """``sbverify --list`` of what Secure Boot checks on a UEFI laptop disk: shim, GRUB, the root's kernel."""
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    report = []
+    for esp_path in ("EFI/BOOT/BOOTX64.EFI", "EFI/BOOT/grubx64.efi", None):
+        if esp_path is None:
+            path, shown = os.path.join(root, "boot/vmlinuz-%s" % kernel_version(root)), "<root>/boot/vmlinuz"
+        else:
+            path, shown = os.path.join(workdir, "esp-" + os.path.basename(esp_path)), "<ESP>/" + esp_path
+            with open(path, "wb") as handle:
+                subprocess.run(["mcopy", "-n", "-i", "%s@@%d" % (image, 2048 * 512), "::/" + esp_path, "-"],
+                               check=True, stdout=handle, env=env)
+        proc = subprocess.run(["sbverify", "--list", path], capture_output=True, text=True, check=False)
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "gaps between" not in ln]
+        report.append("sbverify --list %s:\n  %s" % (shown, "\n  ".join(lines)))
+        if esp_path is not None:
+            os.unlink(path)
+    return "\n".join(report)
+
+
+def root_start_sector(firmware):
+    if firmware not in FIRMWARES:
+        raise SystemExit("firmware must be one of %s, not %r" % ("/".join(FIRMWARES), firmware))
+    return ROOT_START[firmware]
+
+
+def make_image(root, image, extra_cmdline="", firmware="bios"):
+    start = root_start_sector(firmware)
     version = kernel_version(root)
     if not os.path.exists(os.path.join(root, "boot/initrd.img-%s" % version)):
         raise SystemExit("no initramfs for %s in %s/boot" % (version, root))
@@ -209,12 +281,22 @@ def make_image(root, image, extra_cmdline=""):
         os.unlink(tmp)
     with open(tmp, "wb") as handle:
         handle.truncate(DISK_SIZE)
-    layout = "label: gpt\nstart=2048, size=2048, type=%s, name=bios\nstart=%d, type=%s, name=root\n" % (
-        BIOS_BOOT_TYPE, ROOT_START_SECTOR, LINUX_TYPE)
+    first = ("start=2048, size=%d, type=%s, name=EFI" % (ESP_SECTORS, ESP_TYPE) if firmware == "uefi"
+             else "start=2048, size=2048, type=%s, name=bios" % BIOS_BOOT_TYPE)
+    layout = "label: gpt\n%s\nstart=%d, type=%s, name=root\n" % (first, start, LINUX_TYPE)
     run(["sfdisk", "--quiet", tmp], input=layout.encode())
-    root_bytes = DISK_SIZE - ROOT_START_SECTOR * 512 - (1 << 20)  # GPT backup at the end
+    root_bytes = DISK_SIZE - start * 512 - (1 << 20)  # GPT backup at the end
     run(["mkfs.ext4", "-q", "-F", "-U", ROOT_UUID, "-L", "laptop-root", "-d", root,
-         "-E", "offset=%d" % (ROOT_START_SECTOR * 512), tmp, "%dk" % (root_bytes >> 10)])
+         "-E", "offset=%d" % (start * 512), tmp, "%dk" % (root_bytes >> 10)])
+    if firmware == "uefi":
+        esp = esp_image(image + ".esp")
+        try:
+            run(["dd", "if=" + esp, "of=" + tmp, "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        finally:
+            os.unlink(esp)
+        os.replace(tmp, image)
+        log("disk image ready: %s (UEFI: shim + signed GRUB, kernel %s)" % (image, version))
+        return image
     loop = subprocess.run(["losetup", "--find", "--show", "--partscan", tmp], check=True,
                           capture_output=True, text=True).stdout.strip()
     if not os.path.exists(loop + "p2"):
@@ -240,6 +322,7 @@ def main(argv=None):
     parser.add_argument("step", choices=["root", "unpack", "image"])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--extra-cmdline", default="")
+    parser.add_argument("--firmware", choices=FIRMWARES, default="bios")
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     root = os.path.join(args.workdir, "laptop-root")
@@ -248,7 +331,7 @@ def main(argv=None):
     elif args.step == "unpack":
         unpack_root(build_root_tarball(args.workdir), root)
     else:
-        make_image(root, os.path.join(args.workdir, "laptop.img"), args.extra_cmdline)
+        make_image(root, os.path.join(args.workdir, "laptop.img"), args.extra_cmdline, args.firmware)
     return 0
 
 

@@ -36,6 +36,10 @@ BUILD_IMAGE = os.path.join(REPO, "playbooks", "build_image.yml")
 
 OVMF_CODE_CANDIDATES = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS_CANDIDATES = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
+# Debian's ovmf: the Secure Boot build (needs SMM, so q35 with smm=on) and variables with
+# Microsoft's keys enrolled and Secure Boot on -- what a PC's firmware ships with.
+SECBOOT_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+SECBOOT_VARS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 
 
 class MarkerTimeout(AssertionError):
@@ -49,15 +53,27 @@ def ovmf_paths():
     raise FileNotFoundError("OVMF firmware not found (Debian package ovmf)")
 
 
-class VM(object):
-    """One QEMU process. ``netns`` runs it inside a network namespace (for its taps)."""
+def secure_boot_missing():
+    """Why a Secure Boot VM cannot run here (a reason to skip), or None."""
+    missing = [path for path in (SECBOOT_CODE, SECBOOT_VARS) if not os.path.exists(path)]
+    return "%s missing (Debian package ovmf)" % ", ".join(missing) if missing else None
 
-    def __init__(self, name, workdir, memory=1024, netns=None, uefi=False, smp=1, serial_input=False):
+
+class VM(object):
+    """One QEMU process. ``netns`` runs it inside a network namespace (for its taps).
+
+    ``uefi`` boots OVMF; ``secure_boot`` (implies UEFI) boots OVMF's Secure Boot build with
+    Microsoft's keys, on q35 with SMM (slow under TCG). Each VM gets its own copy of the variables.
+    """
+
+    def __init__(self, name, workdir, memory=1024, netns=None, uefi=False, smp=1, serial_input=False,
+                 secure_boot=False):
         self.name = name
         self.workdir = workdir
         self.memory = memory
         self.netns = netns
-        self.uefi = uefi
+        self.uefi = uefi or secure_boot
+        self.secure_boot = secure_boot
         self.smp = smp
         self.log_path = os.path.join(workdir, "%s.serial.log" % name)
         self.lines = []  # (seconds since start, text)
@@ -73,11 +89,20 @@ class VM(object):
 
     def base_args(self):
         args = [
-            "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", str(self.smp),
+            "qemu-system-x86_64", "-machine", "q35,accel=tcg" + (",smm=on" if self.secure_boot else ""), "-cpu", "max", "-smp", str(self.smp),
             "-m", str(self.memory), "-display", "none", "-monitor", "none", "-serial", "stdio",
             "-no-reboot", "-name", self.name,
         ]
-        if self.uefi:
+        if self.secure_boot:
+            # A fresh copy each start: the firmware's variables are part of what the test boots.
+            vars_copy = os.path.join(self.workdir, "%s.OVMF_VARS_4M.ms.fd" % self.name)
+            shutil.copyfile(SECBOOT_VARS, vars_copy)
+            args += [
+                "-global", "driver=cfi.pflash01,property=secure,value=on",
+                "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=%s" % SECBOOT_CODE,
+                "-drive", "if=pflash,format=raw,unit=1,file=%s" % vars_copy,
+            ]
+        elif self.uefi:
             code, variables = ovmf_paths()
             vars_copy = os.path.join(self.workdir, "%s.OVMF_VARS.fd" % self.name)
             if not os.path.exists(vars_copy):
