@@ -40,24 +40,34 @@ class Agent(object):
             return handle.read()
 
     def wait_for(self, marker, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.text():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError("%r not seen within %ss; output:\n%s" % (marker, timeout, self.text()))
+        wait_for_output(self.proc, self.text, lambda text: marker in text, marker, timeout)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()  # by PID
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.log.close()
+
+
+def wait_for_output(proc, text, seen, what, timeout):
+    """Poll ``text()`` until ``seen(it)`` while ``proc`` runs; else AssertionError naming ``what``, with the output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if seen(text()):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError("%r not seen within %ss; output:\n%s" % (what, timeout, text()[-5000:]))
+
+
+def stop_process(proc, timeout):
+    """End ``proc`` by its PID: SIGTERM, SIGKILL if it is still there after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_client(ns, tmp, key_path, name, timeout):

@@ -31,6 +31,7 @@ from lab.netns import run as _run
 
 pytestmark = pytest.mark.integration
 
+
 def test_server_and_client(world):
     ns, tmp, agents = world
     key = keyfile.generate_key()

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
-from lab.agents import PYTHON, REPO, fake_boot, nbd_probe, write_key
+from lab.agents import PYTHON, REPO, fake_boot, nbd_probe, stop_process, wait_for_output, write_key
 from lab.netns import run as _run
 
 pytestmark = pytest.mark.integration
@@ -85,23 +85,10 @@ class Server(object):
             return bytes(self._data)
 
     def wait_for(self, pattern, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.text()):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError("%r not seen within %ss; output:\n%s" % (pattern, timeout, self.text()[-5000:]))
+        wait_for_output(self.proc, self.text, lambda text: re.search(pattern, text), pattern, timeout)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()  # by PID
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self._reader.join(10)
 
 
