@@ -55,8 +55,8 @@ def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
     # A temporary file of its own until it is whole: another build into the same cache, or a reader of the
     # previous archive, never sees a part of this one.
     with open(log_path, "ab") as log, replacing(out_path, 0o644) as out:
-        log.write(("\n$ %s | %s > %s  (%d entries)\n" % (" ".join(cpio_argv), " ".join(zstd_argv), out.name,
-                                                          len(names))).encode())
+        command = "%s | %s > %s" % (" ".join(cpio_argv), " ".join(zstd_argv), out.name)
+        log.write(("\n$ %s  (%d entries)\n" % (command, len(names))).encode())
         log.flush()
         start = time.monotonic()
         # cpio reads the NUL-separated name list from a file (no pipe deadlock)
