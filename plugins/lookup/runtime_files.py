@@ -27,6 +27,12 @@ options:
     type: str
     default: files
     choices: [files, directories]
+  content:
+    description:
+      - With O(kind=files), add each file's content, base64-encoded, as C(content).
+      - That is the form M(stiefel.system.runtime_install) takes, which installs a whole target in one module run.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -43,17 +49,25 @@ EXAMPLES = r"""
     dest: "/usr/lib/stiefel/{{ item.dest }}"
     mode: "{{ item.mode }}"
   loop: "{{ lookup('stiefel.system.runtime_files', 'laptop', wantlist=True) }}"
+
+- name: The same in one module run
+  stiefel.system.runtime_install:
+    path: /usr/lib/stiefel
+    files: "{{ lookup('stiefel.system.runtime_files', 'laptop', content=True, wantlist=True) }}"
 """
 
 RETURN = r"""
 _list:
   description:
     - With O(kind=files), dicts with C(src) (absolute path on the controller), C(dest) (relative to the
-      target's library directory, e.g. C(agents/stiefel-autokexec)) and C(mode) (C(0644) or C(0755)).
+      target's library directory, e.g. C(agents/stiefel-autokexec)) and C(mode) (C(0644) or C(0755)),
+      and with O(content=true) also C(content) (the file, base64-encoded).
     - With O(kind=directories), relative directory paths.
   type: list
   elements: raw
 """
+
+import base64
 
 from ansible.errors import AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
@@ -66,6 +80,7 @@ class LookupModule(LookupBase):
     def run(self, terms, variables=None, **kwargs):
         self.set_options(var_options=variables, direct=kwargs)
         kind = self.get_option("kind")
+        content = self.get_option("content")
         result = []
         for target in terms:
             try:
@@ -75,5 +90,16 @@ class LookupModule(LookupBase):
             if kind == "directories":
                 result.extend(d for d in runtime_manifest.directories(files) if d not in result)
             else:
-                result.extend(entry.as_dict() for entry in files)
+                result.extend(self._entry(entry, content) for entry in files)
         return result
+
+    @staticmethod
+    def _entry(entry, content):
+        item = entry.as_dict()
+        if content:
+            try:
+                with open(entry.src, "rb") as handle:
+                    item["content"] = base64.b64encode(handle.read()).decode("ascii")
+            except OSError as exc:
+                raise AnsibleLookupError("cannot read %s: %s" % (entry.src, exc)) from exc
+        return item

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -39,3 +40,12 @@ def test_unknown_target_fails_with_the_reason():
     out = _lookup("'desktop'")
     assert out.returncode != 0
     assert "unknown target 'desktop'" in out.stdout + out.stderr
+
+
+def test_content_carries_each_file_base64():
+    files = _msg(_lookup("'standalone', content=True, wantlist=True"))
+    entries = rm.entries("standalone")
+    assert [f["dest"] for f in files] == [e.dest for e in entries]
+    for item, entry in zip(files, entries):
+        with open(entry.src, "rb") as handle:
+            assert base64.b64decode(item["content"]) == handle.read()
