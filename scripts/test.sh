@@ -11,6 +11,8 @@
 #   doc          ansible-doc renders every module in plugins/modules/
 #   lint         scripts/lint.sh: ansible-lint, production profile
 #   sanity       scripts/sanity.sh: ansible-test sanity --python 3.11, offline
+#   cache        scripts/warm-cache.sh: the ramdisk and the three laptop roots the
+#                later stages share, built side by side (quick when cached)
 #   integration  pytest -m integration tests/integration (root; builds images,
 #                boots QEMU: minutes); "no tests collected" fails once any
 #                integration test file exists
@@ -24,7 +26,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 
-ALL_STAGES=(unit doc lint sanity integration molecule)
+ALL_STAGES=(unit doc lint sanity cache integration molecule)
 
 usage() {
     echo "usage: bash scripts/test.sh [--keep-going] [stage...]   stages: ${ALL_STAGES[*]} (default: all)" >&2
@@ -173,6 +175,15 @@ stage_sanity() {
     bash scripts/sanity.sh
 }
 
+stage_cache() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "cache: not root; the tests build what they need (or skip) on their own"
+        stage_note="not root"
+        return 3
+    fi
+    bash scripts/warm-cache.sh
+}
+
 stage_integration() {
     local files xml="$results_dir/integration.xml" rc
     files=$(find tests/integration -type f \( -name 'test_*.py' -o -name '*_test.py' \) 2>/dev/null | wc -l)
@@ -195,7 +206,8 @@ stage_integration() {
         echo "integration: WARNING: not root; tests that need root will be skipped"
     fi
     # -s: integration tests print their stages and how long they took.
-    "$here/.venv/bin/python" -m pytest -m integration -s -v --junitxml="$xml" tests/integration
+    # --durations: the slowest tests, for keeping the whole run under an hour
+    "$here/.venv/bin/python" -m pytest -m integration -s -v --durations=40 --junitxml="$xml" tests/integration
     rc=$?
     count_junit "$xml"
     if [ "$rc" -eq 5 ]; then
