@@ -54,7 +54,7 @@ class Perspective(collections.namedtuple("Perspective", "machine kernel kernel_s
 DESKTOP = Perspective("desktop", "the laptop's kernel", "the laptop kernel's",
                       "this desktop's kernel (Debian's, from the stick)", "the laptop distribution publishes it")
 LAPTOP = Perspective("laptop", "the stiefel server kernel", "the stiefel server kernel's",
-                     "this laptop's running kernel", "Debian's, the server kernel's signer; shim-signed carries it")
+                     "this laptop's running kernel", "the server kernel's distribution publishes it")
 
 
 class PEError(StiefelError, ValueError):
