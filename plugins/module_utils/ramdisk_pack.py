@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -67,13 +68,19 @@ def pack_tree(root, out_path, level, log_path, owner_root=False, long_window=0):
             cpio = subprocess.Popen(cpio_argv, cwd=root, stdin=nf, stdout=subprocess.PIPE, stderr=log)
             zstd = subprocess.Popen(zstd_argv, stdin=subprocess.PIPE, stdout=out, stderr=log)
             size = 0
-            while True:
-                chunk = cpio.stdout.read(1 << 20)
-                if not chunk:
-                    break
-                size += len(chunk)
-                zstd.stdin.write(chunk)
-            zstd.stdin.close()
+            try:
+                while True:
+                    chunk = cpio.stdout.read(1 << 20)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    zstd.stdin.write(chunk)
+            except BrokenPipeError:
+                # zstd ended early (its return code and the log say why); cpio, no longer read, ends too
+                pass
+            cpio.stdout.close()
+            with contextlib.suppress(BrokenPipeError):
+                zstd.stdin.close()
             cpio_rc = cpio.wait()
             zstd_rc = zstd.wait()
         log.write(("# cpio rc=%d zstd rc=%d, %d bytes in, %d bytes out, %.1f s\n"
