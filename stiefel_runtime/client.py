@@ -11,6 +11,12 @@ goes on); a server OFFER gets a SESSION_REQUEST (one at a time, so the
 server's NBD PSK ends up being the session this client boots with), and its
 SESSION_ACCEPT leads to the payload fetch, verification, the NBD hook's
 command line, the PSK cpio appended to the laptop initrd, and kexec.
+
+A kernel this desktop refused (lockdown: not signed by a key it trusts) is
+remembered per server by its SHA-256: while it is held, that server's
+payload is read only as far as its manifest (the same kernel: stop there),
+so a changed kernel is still fetched at once; the same one again only after
+a back-off that doubles with each repeat.
 """
 
 from __future__ import annotations
@@ -37,8 +43,50 @@ PSK_PATH_IN_INITRD = "etc/stiefel/nbd.psk"
 HOOK_OPTIONS = ("mac", "server", "port", "export", "tls")
 
 
+# After this desktop refused a server's kernel, the same kernel is not fetched again for this long, doubling on
+# each repeat up to the cap: a refusal under Secure Boot stays a refusal, and every fetch was the whole payload.
+REFUSED_RETRY = 60.0
+REFUSED_RETRY_MAX = 960.0
+
+
 class ClientError(StiefelError):
     """The payload could not be fetched or used."""
+
+
+class SameRefusedPayload(ClientError):
+    """The server offers the kernel this desktop refused last time; the fetch stopped after the manifest."""
+
+
+class RefusalMemory(object):
+    """Per server, the kernel (its SHA-256) this desktop last refused and until when it is not fetched again."""
+
+    def __init__(self, clock=time.monotonic, first=REFUSED_RETRY, cap=REFUSED_RETRY_MAX):
+        self.clock = clock
+        self.first = first
+        self.cap = cap
+        self._servers = {}  # server -> {"kernel", "until", "backoff", "said"}
+
+    def refused(self, server, kernel_sha):
+        """Note that ``server``'s kernel ``kernel_sha`` was refused; ``(the same as last time?, seconds held)``."""
+        entry = self._servers.get(server)
+        repeat = entry is not None and entry["kernel"] == kernel_sha
+        backoff = min(entry["backoff"] * 2, self.cap) if repeat else self.first
+        self._servers[server] = {"kernel": kernel_sha, "until": self.clock() + backoff, "backoff": backoff,
+                                 "said": repeat}
+        return repeat, backoff
+
+    def held(self, server, kernel_sha):
+        """Seconds before ``server``'s ``kernel_sha`` is fetched again (0: fetch it now, a changed one at once)."""
+        entry = self._servers.get(server)
+        if entry is None or entry["kernel"] != kernel_sha:
+            return 0.0
+        return max(0.0, entry["until"] - self.clock())
+
+    def first_mention(self, server):
+        """True once per hold: whether to say on the console that the refused kernel is offered again."""
+        entry = self._servers[server]
+        said, entry["said"] = entry["said"], True
+        return not said
 
 
 def hook_cmdline(base_cmdline, mac, server_address, nbd_port, export_name):
@@ -82,8 +130,10 @@ def send_passphrase(key, offer, ifname, passphrase, timeout=HTTP_TIMEOUT):
         conn.close()
 
 
-def fetch_payload(key, offer, ifname, dest_dir, log=quiet_log, timeout=HTTP_TIMEOUT):
-    """GET the payload of the accepted ``offer``'s session and verify it into ``dest_dir``; return the manifest."""
+def fetch_payload(key, offer, ifname, dest_dir, log=quiet_log, timeout=HTTP_TIMEOUT, on_manifest=None):
+    """GET the payload of the accepted ``offer``'s session and verify it into ``dest_dir``; return the manifest.
+
+    ``on_manifest`` sees the authenticated manifest first; what it raises ends the transfer there."""
     conn = _connect(offer, ifname, timeout)
     try:
         conn.request("GET", url_path("payload", offer.client_nonce, offer.session_nonce), headers={"Host": "stiefel"})
@@ -99,7 +149,7 @@ def fetch_payload(key, offer, ifname, dest_dir, log=quiet_log, timeout=HTTP_TIME
                 log("payload: %3d%% (%.1f of %.1f MB)" % (percent, done / 1e6, total / 1e6))
                 state["next"] = percent - percent % 25 + 25
 
-        return payload.receive_payload(resp.read, key, offer.client_nonce, dest_dir, progress)
+        return payload.receive_payload(resp.read, key, offer.client_nonce, dest_dir, progress, on_manifest)
     finally:
         conn.close()
 
@@ -123,6 +173,7 @@ class ClientAgent(object):
         self.sock = None
         self.result = None
         self._session_wait_until = 0.0  # a SESSION_REQUEST is outstanding until then
+        self.refusals = RefusalMemory()
 
     def _send_round(self):
         for link in self.links.ready_links():
@@ -182,6 +233,9 @@ class ClientAgent(object):
             self._session_wait_until = 0.0
             try:
                 return self.boot_from(offer)
+            except SameRefusedPayload as exc:
+                self.console.debug("%s: %s" % (source, exc))
+                return None
             except (StiefelError, OSError, http.client.HTTPException, socket.timeout) as exc:
                 self.console("boot from %s failed: %s; discovering again" % (source, exc))
                 return None
@@ -233,7 +287,8 @@ class ClientAgent(object):
         dest = os.path.join(self.run_dir, "payload")
         os.makedirs(dest, mode=0o700, exist_ok=True)
         started = time.monotonic()
-        manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console)
+        manifest = fetch_payload(self.key, offer, link.ifname, dest, log=self.console,
+                                 on_manifest=lambda m: self._not_refused_before(offer.address, m))
         elapsed = time.monotonic() - started
         self.console.marker("payload verified")
         self.console("payload: %.1f MB in %.2f s (%.1f MB/s)" % (
@@ -252,7 +307,14 @@ class ClientAgent(object):
             with os.fdopen(fd, "wb") as out:
                 out.write(psk_archive(self.key, offer.client_nonce, offer.session_nonce))
             return 0
-        lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
+        try:
+            lockdown.check_kernel(os.path.join(dest, "kernel"), log=self.console, dry_run=self.dry_run)
+        except lockdown.LockdownRefusal:
+            repeat, backoff = self.refusals.refused(offer.address, manifest.files["kernel"][1])
+            if repeat:  # the reasons were on the console the first time
+                self._say_still_refused(backoff)
+                raise SameRefusedPayload("refused the same kernel again") from None
+            raise
         initrd = os.path.join(self.run_dir, "initrd-with-psk.img")
         kexec.concat_files(initrd, [os.path.join(dest, "initrd")],
                            psk_archive(self.key, offer.client_nonce, offer.session_nonce))
@@ -261,6 +323,17 @@ class ClientAgent(object):
         self.console.marker("kexec")
         kexec.load_and_execute(os.path.join(dest, "kernel"), initrd, cmdline, log=self.console, dry_run=self.dry_run)
         return 0
+
+    def _not_refused_before(self, server, manifest):
+        held = self.refusals.held(server, manifest.files["kernel"][1])
+        if not held:
+            return
+        if self.refusals.first_mention(server):
+            self._say_still_refused(held)
+        raise SameRefusedPayload("offers the refused kernel again: not fetched for another %d s" % round(held))
+
+    def _say_still_refused(self, seconds):
+        self.console("still refusing the laptop's kernel (same as before); retrying in %d s" % round(seconds))
 
     def close(self):
         if self.sock is not None:

@@ -269,16 +269,18 @@ def iter_payload(key: bytes, client_nonce: bytes, server_nonce: bytes, manifest:
     yield enc.seal(pending, final=True)
 
 
-def receive_payload(read, key: bytes, client_nonce: bytes, dest_dir: str, progress=None) -> Manifest:
+def receive_payload(read, key: bytes, client_nonce: bytes, dest_dir: str, progress=None,
+                    on_manifest=None) -> Manifest:
     """Read a stream with ``read(n)``, write kernel and initrd into ``dest_dir``, verify, return the manifest.
 
     On any error the partial files are removed and a ProtocolError is raised.
-    ``progress(done_bytes, total_bytes)`` is called after each record.
+    ``progress(done_bytes, total_bytes)`` is called after each record; ``on_manifest(manifest)`` once the
+    authenticated manifest is read, before any file is written (an exception it raises ends the transfer there).
     """
     dec = StreamDecryptor(key, client_nonce)
     written = []
     try:
-        manifest = _receive(dec, read, dest_dir, written, progress)
+        manifest = _receive(dec, read, dest_dir, written, progress, on_manifest)
     except BaseException:
         for path in written:
             try:
@@ -289,7 +291,7 @@ def receive_payload(read, key: bytes, client_nonce: bytes, dest_dir: str, progre
     return manifest
 
 
-def _receive(dec, read, dest_dir, written, progress):
+def _receive(dec, read, dest_dir, written, progress, on_manifest):
     manifest = None
     buf = b""
     names = list(FILE_NAMES)
@@ -308,6 +310,8 @@ def _receive(dec, read, dest_dir, written, progress):
             if len(buf) < 4 + length:
                 continue
             manifest = Manifest.from_json(buf[4:4 + length])
+            if on_manifest is not None:
+                on_manifest(manifest)
             buf = buf[4 + length:]
         while buf:
             if current is None:

@@ -172,11 +172,11 @@ def _offer(port, cn, sn):
     return discovery.Offer(msg, "::1", 0, 61570, session_nonce=sn)
 
 
-def _genuine(tmp_path, cn, sn, key=KEY):
+def _genuine(tmp_path, cn, sn, key=KEY, kernel_bytes=b"k" * 10000):
     from stiefel_runtime import payload
 
     kernel, initrd = tmp_path / "k", tmp_path / "i"
-    kernel.write_bytes(b"k" * 10000)
+    kernel.write_bytes(kernel_bytes)
     initrd.write_bytes(b"i" * 7000)
     manifest = payload.build_manifest(str(kernel), str(initrd), "root=x")
     return b"".join(payload.iter_payload(key, cn, sn, manifest, {"kernel": str(kernel), "initrd": str(initrd)},
@@ -220,6 +220,106 @@ def test_fetch_hostile_streams(stream_server, tmp_path_factory, data):
     with pytest.raises(ProtocolError):
         client.fetch_payload(KEY, _offer(stream_server, cn, sn), None, str(dest), log=lambda s: None)
     assert sorted(p.name for p in dest.iterdir()) == []  # nothing half-written is left behind
+
+
+# ------------------------------------------------------------------ a refused kernel is remembered per server
+
+class _Clock(object):
+    now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_refusal_memory_backs_off_per_server_and_kernel():
+    clock = _Clock()
+    memory = client.RefusalMemory(clock=clock, first=60, cap=200)
+    assert memory.held("fe80::9", "a" * 64) == 0
+    assert memory.refused("fe80::9", "a" * 64) == (False, 60)
+    assert memory.held("fe80::9", "a" * 64) == 60
+    assert memory.held("fe80::9", "b" * 64) == 0  # a changed kernel is fetched at once
+    assert memory.held("fe80::7", "a" * 64) == 0  # another server's is its own
+    assert memory.first_mention("fe80::9") and not memory.first_mention("fe80::9")
+    clock.now += 61
+    assert memory.held("fe80::9", "a" * 64) == 0
+    assert memory.refused("fe80::9", "a" * 64) == (True, 120)
+    assert not memory.first_mention("fe80::9")  # the repeated refusal itself said so
+    assert memory.refused("fe80::9", "a" * 64) == (True, 200)  # capped
+    assert memory.refused("fe80::9", "b" * 64) == (False, 60)
+
+
+def test_a_refused_kernel_is_not_fetched_again_until_it_changes(stream_server, tmp_path, monkeypatch):
+    """Over real HTTP: after a lockdown refusal the same kernel from the same server stops at the manifest
+    (nothing written, not checked again, said once), a changed kernel is fetched and judged at once, and the
+    same kernel is fetched again once its hold is over."""
+    from stiefel_runtime import lockdown
+
+    checked = []
+
+    def refuse(kernel, **_kwargs):
+        with open(kernel, "rb") as handle:
+            checked.append(handle.read(1))
+        raise lockdown.LockdownRefusal("the laptop's kernel is not signed by a key this desktop trusts")
+
+    monkeypatch.setattr(client.lockdown, "check_kernel", refuse)
+    clock = _Clock()
+    a = agent()
+    a.refusals = client.RefusalMemory(clock=clock)
+    a.run_dir = str(tmp_path / "run")
+
+    class L(object):
+        ifname, mac = None, "52:54:00:00:00:01"  # no name: the stream server listens on ::1
+
+    a.links.links[0] = L()
+    dest = tmp_path / "run" / "payload"
+
+    def boot(kernel_bytes=b"k" * 10000):
+        for name in ("kernel", "initrd"):
+            if (dest / name).exists():
+                (dest / name).unlink()
+        cn, sn = messages.new_nonce(), messages.new_nonce()
+        _Stream.body = _genuine(tmp_path, cn, sn, kernel_bytes=kernel_bytes)
+        return a.boot_from(_offer(stream_server, cn, sn))
+
+    with pytest.raises(lockdown.LockdownRefusal):
+        boot()
+    assert checked == [b"k"]
+    for _attempt in range(3):
+        with pytest.raises(client.SameRefusedPayload):
+            boot()
+        assert sorted(p.name for p in dest.iterdir()) == []  # stopped at the manifest
+    assert checked == [b"k"]
+    said = a.console.stream.getvalue()
+    assert said.count("still refusing the laptop's kernel (same as before); retrying in 60 s") == 1, said
+    with pytest.raises(lockdown.LockdownRefusal):  # a changed kernel: fetched and judged at once
+        boot(b"K" * 10000)
+    assert checked == [b"k", b"K"]
+    with pytest.raises(client.SameRefusedPayload):
+        boot(b"K" * 10000)  # now that one is held
+    clock.now += 61
+    with pytest.raises(client.SameRefusedPayload):
+        boot(b"K" * 10000)  # hold over: fetched, refused again, said once more with the doubled hold
+    assert checked == [b"k", b"K", b"K"]
+    assert "retrying in 120 s" in a.console.stream.getvalue()
+    with pytest.raises(client.SameRefusedPayload):
+        boot(b"K" * 10000)
+    assert checked == [b"k", b"K", b"K"]
+    assert a.console.stream.getvalue().count("retrying in 120 s") == 1
+
+
+def test_an_offer_of_the_refused_kernel_is_quiet_on_the_console(monkeypatch):
+    a = agent()
+
+    def boot_from(unused_offer):
+        raise client.SameRefusedPayload("offers the refused kernel again")
+
+    monkeypatch.setattr(a, "boot_from", boot_from)
+    offer = discovery.Offer(messages.Message(messages.OFFER, messages.new_nonce(), messages.new_nonce(),
+                                             messages.ROLE_SERVER, 0, 61571, 10809, "stiefel"),
+                            "fe80::9", 5, 61570, session_nonce=messages.new_nonce())
+    monkeypatch.setattr(a.disc, "handle", lambda *args: offer)
+    assert a.handle_datagram(b"accept", "fe80::9", 61570, 5) is None
+    assert "failed" not in a.console.stream.getvalue()
 
 
 # ------------------------------------------------------------------ the passphrase prompt on a real terminal
