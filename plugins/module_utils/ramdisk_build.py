@@ -351,9 +351,22 @@ class RamdiskBuilder:
                             seconds=round(time.monotonic() - start, 1))
 
     # -- pack base ---------------------------------------------------------
+    def _archive_is_current(self, archive, input_hash):
+        return stamp_hash(archive + ".json") == input_hash and os.path.isfile(archive)
+
+    def _pack_and_stamp(self, root, archive, input_hash, log, owner_root=False, **stamp):
+        """Pack ``root`` into ``archive`` and stamp it (``archive``.json) with ``input_hash`` and its sizes."""
+        meta_path = archive + ".json"
+        if os.path.exists(meta_path):  # no stamp names an archive while it is being replaced
+            os.unlink(meta_path)
+        size = pack_tree(root, archive, self.cfg["zstd_level"], log, owner_root=owner_root,
+                         long_window=self.cfg.get("zstd_long") or 0)
+        write_json_atomic(meta_path, dict(stamp, hash=input_hash, uncompressed_bytes=size,
+                                          compressed_bytes=os.path.getsize(archive)))
+        return size
+
     def pack_base(self):
-        meta_path = self.base_archive + ".json"
-        if stamp_hash(meta_path) == self.base_hash and os.path.isfile(self.base_archive):
+        if self._archive_is_current(self.base_archive, self.base_hash):
             return self._result(False, "base archive is up to date")
         if self.check:
             return self._result(True, "would pack the base root (cpio + %s)" % self.compression)
@@ -361,20 +374,14 @@ class RamdiskBuilder:
             raise RamdiskBuildError("the base root is not stripped for these inputs; run the strip step first")
         log = self._log("pack-base")
         start = time.monotonic()
-        if os.path.exists(meta_path):
-            os.unlink(meta_path)
-        size = pack_tree(self.root, self.base_archive, self.cfg["zstd_level"], log,
-                         long_window=self.cfg.get("zstd_long") or 0)
-        write_json_atomic(meta_path, {"hash": self.base_hash, "uncompressed_bytes": size,
-                                      "compressed_bytes": os.path.getsize(self.base_archive)})
+        size = self._pack_and_stamp(self.root, self.base_archive, self.base_hash, log)
         return self._result(True, "packed the base root: %.1f MB -> %.1f MB"
                             % (size / 1e6, os.path.getsize(self.base_archive) / 1e6), log=log,
                             seconds=round(time.monotonic() - start, 1))
 
     # -- overlay -----------------------------------------------------------
     def overlay(self):
-        meta_path = self.overlay_archive + ".json"
-        if stamp_hash(meta_path) == self.input_hash and os.path.isfile(self.overlay_archive):
+        if self._archive_is_current(self.overlay_archive, self.input_hash):
             return self._result(False, "overlay archive is up to date")
         if self.check:
             return self._result(True, "would pack the overlay (init, library, %d agents)" % len(agent_names(self.files)))
@@ -398,13 +405,8 @@ class RamdiskBuilder:
                 os.chmod(os.path.join(dirpath, d), 0o755)
         os.chmod(keydir, 0o700)
         os.chmod(self.overlay_dir, 0o755)
-        if os.path.exists(meta_path):
-            os.unlink(meta_path)
-        size = pack_tree(self.overlay_dir, self.overlay_archive, self.cfg["zstd_level"], log, owner_root=True,
-                         long_window=self.cfg.get("zstd_long") or 0)
-        write_json_atomic(meta_path, {"hash": self.input_hash, "uncompressed_bytes": size,
-                                      "compressed_bytes": os.path.getsize(self.overlay_archive),
-                                      "files": self.file_hashes})
+        size = self._pack_and_stamp(self.overlay_dir, self.overlay_archive, self.input_hash, log, owner_root=True,
+                                    files=self.file_hashes)
         return self._result(True, "packed the overlay: %d files, %d bytes" % (len(self.files), size), log=log,
                             seconds=round(time.monotonic() - start, 1))
 
