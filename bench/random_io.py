@@ -14,8 +14,8 @@ server namespace runs nbdkit exactly as the laptop does
 (``nbd_export.server_argv``, plain and TLS-PSK AES-GCM, a 256 MiB tmpfs file
 so no disk is measured); the client namespace runs the TLS proxy exactly as
 ``roles/laptop/files/stiefel-nbd-attach`` starts it: the script's own
-``bash -c`` text is read from the file and run (``/dev/tcp`` socket handed
-over as ``socket-fd=3``, ``tls=require``, nbdkit daemonized with a pidfile),
+``bash -c`` texts are read from the file and run (the socat TCP relay on
+127.0.0.1, ``--filter=retry``, ``tls=require``, nbdkit daemonized with a pidfile),
 with fio on its Unix socket where the laptop has nbd-client.
 
 Paths, each measured for randread and randwrite at QD1 and QD32:
@@ -48,6 +48,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import statistics
@@ -150,18 +151,29 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------ the proxy, as the laptop starts it
 
 def attach_proxy_script(text: str) -> str:
-    """The ``bash -c`` program with which stiefel-nbd-attach starts its daemonized TLS proxy.
+    """The ``bash -c`` programs with which stiefel-nbd-attach starts its TCP relay and TLS proxy, as one.
 
-    Its positional parameters are $0 host, $1 port, $2 export, $3 socket, $4 PSK file, $5 pidfile.
-    Read from the script itself so the benchmark cannot drift from what the laptop runs.
+    Its positional parameters are $0 host, $1 port, $2 export, $3 socket, $4 PSK file, $5 pidfile
+    (the relay's pid goes to "$5.relay"). Read from the script itself so the benchmark cannot drift
+    from what the laptop runs.
     """
-    match = re.search(r"bash -c '(exec 3<>\"/dev/tcp/\$0/\$1\" \|\| exit 111\nexec -a @nbdkit nbdkit [^']*)'", text)
-    if not match:
-        raise ValueError("no daemonized nbdkit proxy command (bash -c '... exec -a @nbdkit nbdkit ...') found")
-    return match.group(1)
+    relay = re.search(r"bash -c '(echo \$\$ > \"\$4\"; exec -a @socat socat [^']*)'", text)
+    proxy = re.search(r"bash -c '(exec -a @nbdkit nbdkit [^']*)'", text)
+    if not relay or not proxy:
+        raise ValueError("no TCP relay (bash -c '... exec -a @socat socat ...') and daemonized nbdkit proxy "
+                         "command (bash -c '... exec -a @nbdkit nbdkit ...') found")
+    # the relay's $0 port $1 host $2 port $3 user timeout (ms) $4 pidfile; the proxy's $0 relay port
+    # $1 export $2 socket $3 PSK file $4 pidfile $5 retries $6 retry delay $7 debug options.
+    # The laptop's server is a scoped IPv6 address, the bench's cable IPv4.
+    relay_program = relay.group(1).replace('"TCP6:[$1]:$2,', '"TCP:$1:$2,')
+    if relay_program == relay.group(1):
+        raise ValueError("the TCP relay does not dial TCP6:[$1]:$2")
+    return ('rp=$((20000 + $$ %% 20000)); bash -c %s "$rp" "$0" "$1" 10000 "$5.relay" & sleep 1; '
+            'exec bash -c %s "$rp" "$2" "$3" "$4" "$5" 5 2 ""' % (shlex.quote(relay_program),
+                                                                  shlex.quote(proxy.group(1))))
 
 
-TLS_OPTIONS = ' tls=require tls-username=stiefel tls-psk="$4"'
+TLS_OPTIONS = ' tls=require tls-username=stiefel tls-psk="$3"'
 
 
 def proxy_variant(script: str, tls: bool = True, threads: int | None = None) -> str:
@@ -371,6 +383,9 @@ class Rig:
         pid = wait_for(lambda: ne.read_pidfile(str(pidfile)), timeout=10)
         if pid:
             self.proxy_pids.append((pid, "@nbdkit"))
+        relay = ne.read_pidfile(str(pidfile) + ".relay")
+        if relay:
+            self.proxy_pids.append((relay, "@socat"))
         if proc.returncode != 0 or not pid or not wait_for(sock.exists, timeout=20):
             raise RuntimeError("proxy %s did not start: %s" % (
                 name, (self.work / ("%s.log" % tag)).read_text(errors="replace")[-500:]))

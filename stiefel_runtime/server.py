@@ -47,6 +47,12 @@ MAX_UNLOCK_BODY = 4096
 STATUS_INTERVAL = 30.0
 PEERS_INTERVAL = 5.0
 POWER_INTERVAL = 30.0
+# Supervision of nbdkit: a dead one is restarted on the same sockets' port with the
+# same session PSK, so the desktop's proxy reconnects and replays (stiefel.timeout).
+# At most NBD_RESTART_BURST restarts in NBD_RESTART_WINDOW seconds: a crash loop
+# waits out the window instead of spinning.
+NBD_RESTART_BURST = 5
+NBD_RESTART_WINDOW = 60.0
 _NONCE_HEX = r"([0-9a-f]{32})"
 _PAYLOAD_PATH = re.compile(r"\A/payload/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
 _UNLOCK_PATH = re.compile(r"\A/unlock/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
@@ -328,6 +334,8 @@ class ServerAgent(object):
         self._nbd_keys = None  # the (ifindex, address) pairs nbdkit listens on
         self._nbd_deferred = False
         self._listen_failed = set()
+        self._nbd_restarts = []  # monotonic times of the last supervised restarts
+        self._nbd_held = False  # the rate limit's "waiting" said once per hold
 
     # -- /boot
     def _mount_point(self):
@@ -475,15 +483,28 @@ class ServerAgent(object):
             if self.strict:
                 raise
 
-    def _check_nbd(self):
-        if self.nbd is not None and self.nbd.poll() is not None:
-            self.console("nbdkit exited (rc=%s): restarting it" % self.nbd.returncode)
-            self.nbd = None
-            self._nbd_keys = None
-            try:
-                self._sync_nbd(self._wanted_listeners())
-            except (StiefelError, OSError) as exc:
-                self.console("cannot restart nbdkit: %s" % exc)
+    def _check_nbd(self, now=None):
+        """Restart a dead nbdkit (logged, at most NBD_RESTART_BURST per NBD_RESTART_WINDOW)."""
+        if self.nbd is None or self.nbd.poll() is None:
+            return
+        now = time.monotonic() if now is None else now
+        self._nbd_restarts = [t for t in self._nbd_restarts if now - t < NBD_RESTART_WINDOW]
+        if len(self._nbd_restarts) >= NBD_RESTART_BURST:
+            if not self._nbd_held:
+                self._nbd_held = True
+                self.console("nbdkit exited (rc=%s) %d times in %d s: next restart in %d s" % (
+                    self.nbd.returncode, len(self._nbd_restarts) + 1, NBD_RESTART_WINDOW,
+                    NBD_RESTART_WINDOW - (now - self._nbd_restarts[0]) + 1))
+            return
+        self._nbd_held = False
+        self._nbd_restarts.append(now)
+        self.console("nbdkit exited (rc=%s): restarting it" % self.nbd.returncode)
+        self.nbd = None
+        self._nbd_keys = None
+        try:
+            self._sync_nbd(self._wanted_listeners())
+        except (StiefelError, OSError) as exc:
+            self.console("cannot restart nbdkit: %s" % exc)
 
     # -- where HTTP and NBD listen
     def listen_filter(self):
@@ -600,10 +621,11 @@ class ServerAgent(object):
                     next_power = now + POWER_INTERVAL
                 if now >= next_peers:
                     self.check_nbd_peers()
+                    # every few seconds, not every status line: a desktop's proxy is waiting to reconnect
+                    self._check_nbd()
                     next_peers = now + PEERS_INTERVAL
                 if now >= next_status:
                     self.console("status: " + self.status_line())
-                    self._check_nbd()
                     next_status = now + STATUS_INTERVAL
                 timeout = max(0.0, min(next_status, next_power, next_peers) - time.monotonic())
                 readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [], timeout)

@@ -63,13 +63,14 @@ def test_a_benchmark_without_fresh_json_is_still_a_failure(run, tmp_path):
 
 def test_the_proxy_program_is_read_from_the_attach_script(randio):
     script = randio.attach_proxy_script(randio.ATTACH_SCRIPT.read_text())
-    assert script.startswith('exec 3<>"/dev/tcp/$0/$1" || exit 111\nexec -a @nbdkit nbdkit ')
-    assert "nbd socket-fd=3" in script
+    assert script.startswith("rp=$((20000 + $$ % 20000)); bash -c ")
+    assert "exec -a @socat socat" in script and "exec -a @nbdkit nbdkit " in script
+    assert "--filter=retry nbd hostname=127.0.0.1" in script
     assert randio.TLS_OPTIONS in script
-    assert "-P \"$5\"" in script and "-U \"$3\"" in script
+    assert "-P \"$4\"" in script and "-U \"$2\"" in script
     plain = randio.proxy_variant(script, tls=False)
-    assert "tls" not in plain and "socket-fd=3" in plain
-    assert "exec -a @nbdkit nbdkit --threads 32 --log" in randio.proxy_variant(script, threads=32)
+    assert "tls=" not in plain and "hostname=127.0.0.1" in plain
+    assert "exec -a @nbdkit nbdkit --threads 32 " in randio.proxy_variant(script, threads=32)
 
 
 @pytest.mark.parametrize("text", ["", "exec nbdkit nbd socket-fd=3", "bash -c 'exec nbdkit -f --run true'"])

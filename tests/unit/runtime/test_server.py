@@ -349,3 +349,45 @@ def test_nbdkit_socket_activation_argv():
     assert "--ipaddr" not in argv and "--port" not in argv
     assert "--verbose" in argv and "nbdkit.backend.datapath=0" in argv
     assert "--ipaddr" in nbd_export.server_argv(settings_)
+
+
+class _DeadNbdkit:
+    """What _check_nbd sees of an nbdkit that has exited."""
+    returncode = -9
+    pid = 4242
+
+    def poll(self):
+        return self.returncode
+
+
+def test_dead_nbdkit_restarted_rate_limited(tmp_path, monkeypatch):
+    """A dead nbdkit is restarted and said so; a crash loop waits out the window, said once."""
+    out = io.StringIO()
+    agent = server.ServerAgent(KEY, Console("stiefel-server", stream=out, timer=False), run_dir=str(tmp_path))
+    spawned = []
+
+    def fake_sync(wanted):
+        spawned.append(wanted)
+        agent.nbd = _DeadNbdkit()  # dies again at once
+    monkeypatch.setattr(agent, "_sync_nbd", fake_sync)
+    agent.nbd = _DeadNbdkit()
+    for second in range(server.NBD_RESTART_BURST + 3):
+        agent._check_nbd(now=1000.0 + second)
+    assert len(spawned) == server.NBD_RESTART_BURST
+    text = out.getvalue()
+    assert text.count("nbdkit exited (rc=-9): restarting it") == server.NBD_RESTART_BURST
+    assert text.count("times in 60 s: next restart in") == 1
+    # once the window has passed the oldest restart, supervision goes on
+    agent._check_nbd(now=1000.0 + server.NBD_RESTART_WINDOW + 0.5)
+    assert len(spawned) == server.NBD_RESTART_BURST + 1
+
+
+def test_live_nbdkit_left_alone(tmp_path, monkeypatch):
+    agent = server.ServerAgent(KEY, Console("stiefel-server", stream=io.StringIO(), timer=False), run_dir=str(tmp_path))
+    monkeypatch.setattr(agent, "_sync_nbd", lambda wanted: pytest.fail("restarted a live nbdkit"))
+    live = _DeadNbdkit()
+    live.poll = lambda: None
+    agent.nbd = live
+    agent._check_nbd()
+    agent.nbd = None
+    agent._check_nbd()

@@ -14,7 +14,7 @@
 # shellcheck disable=SC2154
 
 check() {
-    require_binaries nbd-client ip nbdkit bash || return 1
+    require_binaries nbd-client ip nbdkit bash socat setsid || return 1
     return 0
 }
 
@@ -55,18 +55,22 @@ stiefel_inst_elf_with_libs() {
 }
 
 install() {
-    local _plugin
-    inst_multiple nbd-client ip cat sleep bash nbdkit tr kill || return 1
+    local _plugin _kind _name
+    inst_multiple nbd-client ip cat sleep bash nbdkit tr kill socat setsid mount mkdir grep || return 1
     # NBD over TLS-PSK: the local TLS proxy is nbdkit's nbd plugin (libnbd,
-    # GnuTLS; it uses no filters). The PSK is appended by the client as an
-    # extra cpio, it is not part of this image.
-    for _plugin in "$dracutsysrootdir"/usr/lib/*/nbdkit/plugins/nbdkit-nbd-plugin.so \
-        "$dracutsysrootdir"/usr/lib*/nbdkit/plugins/nbdkit-nbd-plugin.so; do
-        [[ -e $_plugin ]] || continue
-        stiefel_inst_elf_with_libs "${_plugin#"$dracutsysrootdir"}" || return 1
-        break
+    # GnuTLS) with its retry filter (reopens a connection a cable cut or a
+    # server restart broke), socat its TCP relay. The PSK is appended by the
+    # client as an extra cpio, it is not part of this image.
+    for _kind in plugins/nbdkit-nbd-plugin filters/nbdkit-retry-filter; do
+        _name=${_kind#*/}
+        for _plugin in "$dracutsysrootdir"/usr/lib/*/nbdkit/"$_kind".so \
+            "$dracutsysrootdir"/usr/lib*/nbdkit/"$_kind".so; do
+            [[ -e $_plugin ]] || continue
+            stiefel_inst_elf_with_libs "${_plugin#"$dracutsysrootdir"}" || return 1
+            break
+        done
+        [[ -e $_plugin ]] || { derror "stiefel: nbdkit's ${_name#nbdkit-} (the TLS proxy) is not installed"; return 1; }
     done
-    [[ -e $_plugin ]] || { derror "stiefel: nbdkit's nbd plugin (the TLS proxy) is not installed"; return 1; }
     inst_multiple -o blockdev udevadm modprobe timeout
     inst_simple "$moddir/stiefel-nbd-attach" /sbin/stiefel-nbd-attach
     inst_simple "$moddir/stiefel-nbd-job.sh" /sbin/stiefel-nbd-job
