@@ -7,7 +7,14 @@ Subcommands (molecule's create/converge/verify/destroy and the demo call them):
   converge  boot the laptop from its disk, then the desktop from the stick (UEFI);
             wait for every stage of the flow; print the timeline
   verify    the desktop ran the laptop's OS (machine-id, hostname from the serial
-            console), the proof file is on the laptop's disk, the filesystem is clean
+            console), the proof file is on the laptop's disk, the filesystem is clean;
+            with Secure Boot, both consoles showed it on and the kernel locked down
+            and the laptop's autokexec accepted the server kernel
+
+Secure Boot (the default; create --no-secure-boot for the BIOS laptop): both VMs on
+OVMF's Secure Boot build with Microsoft's keys (q35 + SMM), the laptop from a UEFI
+disk (shim, Debian's signed GRUB, the root's Debian-signed kernel), the desktop
+from the shim stick over usb-storage; the direct-boot reference boots the same way.
   destroy   stop the VMs by PID, remove the namespace, detach loop devices
 Everything lives in $STIEFEL_CACHE_DIR/e2e (serial logs: *.serial.log, timeline.json).
 """
@@ -24,12 +31,17 @@ import time
 
 from lab import laptop_disk
 from lab.netns import VirtualLink
-from lab.qemu import VM, MarkerTimeout
+from lab.qemu import VM, MarkerTimeout, secure_boot_missing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAPTOP_MAC = "52:54:00:5f:00:01"
 DESKTOP_MAC = "52:54:00:5f:00:02"
 STATE = "e2e-state.json"
+# What a Secure Boot console shows (verify asserts them on both VMs).
+SECURE_BOOT_LINES = (("Secure Boot on", r"secureboot: Secure boot enabled"),
+                     ("kernel locked down", r"Kernel is locked down from EFI Secure Boot"))
+# The laptop agent's check at start: "accepted: ...", "this kernel is not locked down ..." or "REFUSED: ...".
+KEXEC_CHECK = r"stiefel-autokexec: kexec check: [^\n]*"
 
 # (label, vm, pattern): the timeline, in the order the flow passes through it.
 STAGES = [
@@ -91,6 +103,9 @@ def umount_all(mounts):
 
 def create(args):
     wd = workdir()
+    firmware = "uefi" if args.secure_boot else "bios"
+    if args.secure_boot and secure_boot_missing():
+        raise SystemExit(secure_boot_missing())
     key = os.path.join(wd, "stiefel.key")
     tarball = laptop_disk.build_root_tarball(os.path.join(os.path.dirname(wd), laptop_disk.TARBALL_DIR))
     root = laptop_disk.unpack_root(tarball, os.path.join(wd, "laptop-root"))
@@ -122,22 +137,26 @@ def create(args):
     with open(os.path.join(root, "etc/stiefel/key"), "rb") as src, open(key, "wb") as dst:
         os.fchmod(dst.fileno(), 0o600)
         dst.write(src.read())
-    laptop_disk.make_image(root, os.path.join(wd, "laptop.img"), "")
+    laptop_disk.make_image(root, os.path.join(wd, "laptop.img"), "", firmware=firmware)
+    if args.secure_boot:
+        print(laptop_disk.sbverify_loaders(os.path.join(wd, "laptop.img"), root, wd), flush=True)
     stick = os.path.join(wd, "stick.img")
     ansible_playbook("playbooks/flash_usb.yml", "-e", json.dumps({
         "device": stick, "confirm": stick, "image_size": "512M", "usb_stick_key_path": key,
     }))
     link = VirtualLink(suffix="e2e").create()
-    save_state(wd, {"netns": link.netns, "taps": link.taps})
-    log("created: laptop.img, stick.img, namespace %s" % link.netns)
+    save_state(wd, {"netns": link.netns, "taps": link.taps, "firmware": firmware,
+                    "secure_boot": bool(args.secure_boot)})
+    log("created: laptop.img (%s%s), stick.img, namespace %s"
+        % (firmware, ", Secure Boot" if args.secure_boot else "", link.netns))
 
 
 def _vm_pids(wd):
     return load_state(wd).get("pids", {})
 
 
-def boot_laptop(wd, link, snapshot=False, name="laptop"):
-    vm = VM(name, wd, memory=1536, netns=link.netns)
+def boot_laptop(wd, link, snapshot=False, name="laptop", secure_boot=False):
+    vm = VM(name, wd, memory=1536, netns=link.netns, secure_boot=secure_boot)
     vm.disk(os.path.join(wd, "laptop.img"))
     if snapshot:
         vm.add("-snapshot")
@@ -151,6 +170,7 @@ def converge(args):
     link = VirtualLink(suffix="e2e")
     if not link.exists():
         raise SystemExit("no virtual cable: run create first")
+    secure_boot = bool(state.get("secure_boot"))
     timeline = {}
     reference = None
     if not args.no_reference:
@@ -159,22 +179,34 @@ def converge(args):
         # cores, one VM each) so the reference costs no extra wall time.
         ref_image = os.path.join(wd, "laptop-reference.img")
         subprocess.run(["cp", "--sparse=always", os.path.join(wd, "laptop.img"), ref_image], check=True)
-        reference = VM("laptop-direct", wd, memory=1536).disk(ref_image).add("-nic", "none").start()
+        reference = VM("laptop-direct", wd, memory=1536, secure_boot=secure_boot).disk(ref_image).add(
+            "-nic", "none").start()
         state["pids"] = {"laptop-direct": reference.proc.pid}
-    laptop = boot_laptop(wd, link)
+    laptop = boot_laptop(wd, link, secure_boot=secure_boot)
     state.setdefault("pids", {})["laptop"] = laptop.proc.pid
     save_state(wd, state)
-    laptop.wait_for(r"E2E-TARGET multi-user reached", timeout=600)
+    laptop_marks = {}
+    if secure_boot:
+        for label, pattern in SECURE_BOOT_LINES:
+            stamp, match = laptop.wait_for(pattern, timeout=900, fail_patterns=(r"Kernel panic",))
+            laptop_marks["laptop " + label] = stamp
+            log("laptop: %s at %.1f s: %s" % (label, stamp, match.group(0)))
+    laptop.wait_for(r"E2E-TARGET multi-user reached", timeout=900)
+    stamp, match = laptop.wait_for(KEXEC_CHECK, timeout=300)
+    laptop_marks["laptop kexec check"] = stamp
+    log("laptop: %s" % match.group(0))
+    if "REFUSED" in match.group(0):
+        raise SystemExit(1)
     if reference is not None:
         try:
-            stamp, _match = reference.wait_for(r"E2E-TARGET multi-user reached", timeout=600)
+            stamp, _match = reference.wait_for(r"E2E-TARGET multi-user reached", timeout=900)
             timeline["direct boot to target"] = stamp
             log("direct boot of the laptop disk reached multi-user in %.1f s" % stamp)
         finally:
             reference.stop()
             os.unlink(os.path.join(wd, "laptop-reference.img"))
     log("laptop OS is up (autokexec should be listening)")
-    desktop = VM("desktop", wd, memory=1536, netns=link.netns, uefi=True)
+    desktop = VM("desktop", wd, memory=1536, netns=link.netns, uefi=True, secure_boot=secure_boot)
     desktop.disk(os.path.join(wd, "stick.img"), usb=True)
     desktop.nic(link.taps[1], DESKTOP_MAC)
     desktop.start()
@@ -183,7 +215,10 @@ def converge(args):
     vms = {"laptop": laptop, "desktop": desktop}
     base = desktop.started_at
     fails = (r"Kernel panic", r"stiefel-client: .*(error|failed)")
-    for label, which, pattern in STAGES:
+    stages = list(STAGES)
+    if secure_boot:
+        stages[1:1] = [("desktop " + label, "desktop", pattern) for label, pattern in SECURE_BOOT_LINES]
+    for label, which, pattern in stages:
         vm = vms[which]
         if pattern is None:
             timeline[label] = 0.0
@@ -204,12 +239,16 @@ def converge(args):
         raise SystemExit(1)
     laptop.stop()
     with open(os.path.join(wd, "timeline.json"), "w") as handle:
-        json.dump(timeline, handle, indent=1)
-    print_timeline(timeline)
+        json.dump(dict(timeline, laptop=laptop_marks, secure_boot=secure_boot), handle, indent=1)
+    print_timeline(timeline, laptop_marks, secure_boot)
 
 
-def print_timeline(timeline):
-    print("\nTimeline (seconds since desktop power-on)")
+def print_timeline(timeline, laptop_marks=None, secure_boot=False):
+    if laptop_marks:
+        print("\nLaptop (seconds since laptop power-on)")
+        for label, value in laptop_marks.items():
+            print("  %-28s %7.1f" % (label, value))
+    print("\nTimeline (seconds since desktop power-on%s)" % (", Secure Boot on both" if secure_boot else ""))
     for label, value in timeline.items():
         print("  %-28s %7.1f" % (label, value))
     total = timeline.get("boot target reached")
@@ -220,6 +259,7 @@ def print_timeline(timeline):
 
 def verify(args):
     wd = workdir()
+    state = load_state(wd)
     log_text = open(os.path.join(wd, "desktop.serial.log"), encoding="utf-8", errors="replace").read()
     root = os.path.join(wd, "laptop-root")
     machine_id = open(os.path.join(root, "etc/machine-id")).read().strip()
@@ -227,9 +267,23 @@ def verify(args):
     probe = re.search(r"E2E-PROBE machine-id=(\S+) hostname=(\S+)", log_text)
     proof = re.search(r"E2E-PROOF sha256=([0-9a-f]{64})", log_text)
     problems = []
+    if state.get("secure_boot"):
+        laptop_log = open(os.path.join(wd, "laptop.serial.log"), encoding="utf-8", errors="replace").read()
+        for vm, text in (("desktop", log_text), ("laptop", laptop_log)):
+            for label, pattern in SECURE_BOOT_LINES:
+                found = re.search(pattern + r"[^\n]*", text)
+                if not found:
+                    problems.append("%s console never showed %s (%r)" % (vm, label, pattern))
+                else:
+                    log("%s console: %s" % (vm, found.group(0).strip()))
+        check = re.search(KEXEC_CHECK, laptop_log)
+        if not check or "kexec check: accepted" not in check.group(0):
+            problems.append("laptop's autokexec did not accept the server kernel: %s" % (check and check.group(0)))
+        else:
+            log("laptop console: %s" % check.group(0).strip())
     if not probe or probe.group(1) != machine_id or probe.group(2) != laptop_disk.HOSTNAME:
         problems.append("desktop did not run the laptop's OS (probe: %s)" % (probe.group(0) if probe else None))
-    offset = laptop_disk.ROOT_START_SECTOR * 512
+    offset = laptop_disk.root_start_sector(state.get("firmware", "bios")) * 512
     loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(offset), "--read-only",
                            os.path.join(wd, "laptop.img")], check=True, capture_output=True, text=True).stdout.strip()
     try:
@@ -268,6 +322,9 @@ def destroy(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["create", "converge", "verify", "destroy"])
+    parser.add_argument("--secure-boot", action=argparse.BooleanOptionalAction, default=True,
+                        help="create: both VMs on OVMF Secure Boot, the laptop on a UEFI disk (default); "
+                             "--no-secure-boot: a BIOS laptop and a plain UEFI desktop")
     parser.add_argument("--no-reference", action="store_true",
                         help="converge: skip the direct boot of the laptop disk (no ratio in the timeline)")
     args = parser.parse_args(argv)

@@ -219,7 +219,7 @@ menuentry 'Debian GNU/Linux (stiefel laptop)' {{
 """
 
 
-def esp_image(path, uuid=ROOT_UUID):
+def esp_image(path, root_uuid=ROOT_UUID):
     """A FAT ESP image file: shim as EFI/BOOT/BOOTX64.EFI, signed GRUB beside it, the grub.cfg stub."""
     for need in (SHIM, SIGNED_GRUB):
         if not os.path.exists(need):
@@ -231,7 +231,7 @@ def esp_image(path, uuid=ROOT_UUID):
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     stub = path + ".grub.cfg"
     with open(stub, "w") as handle:
-        handle.write(GRUB_STUB.format(uuid=uuid))
+        handle.write(GRUB_STUB.format(uuid=root_uuid))
     try:
         run(["mmd", "-i", path, "::/EFI", "::/EFI/BOOT"], env=env)
         for src, dst in ((SHIM, "EFI/BOOT/BOOTX64.EFI"), (SIGNED_GRUB, "EFI/BOOT/grubx64.efi"),
