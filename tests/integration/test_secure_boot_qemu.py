@@ -29,13 +29,11 @@ import pytest
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
 from lab import ansible_output
 from lab.qemu import (VM, RamdiskUnavailable, Timeline, checkout_overlay, laptop_boot_image, ramdisk_files,
-                      ramdisk_fixups, ramdisk_with_key)
+                      ramdisk_fixups, ramdisk_with_key, secure_boot_missing)
 from stiefel_runtime import kexec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLASH = os.path.join(REPO, "playbooks", "flash_usb.yml")
-SECBOOT_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
-MS_VARS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 TOOLS = ("sbverify", "sbattach", "mcopy", "mkfs.ext4")
 REFUSAL = ("This desktop cannot start the laptop's kernel: Secure Boot is on, and the laptop's kernel carries "
            "no signature.")
@@ -77,16 +75,6 @@ def esp_file(image, path, out):
     return out
 
 
-def secure_boot_vm(name, workdir, netns):
-    """q35 with SMM and the Secure Boot OVMF build, Microsoft's keys enrolled in a copy of the variables."""
-    vars_copy = os.path.join(workdir, "%s.OVMF_VARS_4M.ms.fd" % name)
-    shutil.copyfile(MS_VARS, vars_copy)
-    return VM(name, workdir, memory=1024, netns=netns).add(
-        "-machine", "smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
-        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + SECBOOT_CODE,
-        "-drive", "if=pflash,format=raw,unit=1,file=" + vars_copy)
-
-
 def test_unsigned_kernel_refused_at_build(qemu_lab):
     workdir, _link, _vms = qemu_lab
     try:
@@ -110,9 +98,8 @@ def test_unsigned_kernel_refused_at_build(qemu_lab):
 
 def test_secure_boot_stick_and_lockdown_refusal(qemu_lab):
     workdir, link, vms = qemu_lab
-    for path in (SECBOOT_CODE, MS_VARS):
-        if not os.path.exists(path):
-            pytest.skip("%s missing (Debian package ovmf)" % path)
+    if secure_boot_missing():
+        pytest.skip(secure_boot_missing())
     try:
         kernel, ramdisk = ramdisk_files()
     except RamdiskUnavailable as exc:
@@ -144,7 +131,7 @@ def test_secure_boot_stick_and_lockdown_refusal(qemu_lab):
     server.disk(laptop_disk).nic(link.taps[0], "52:54:00:5b:ef:01")
     server.kernel(kernel, server_initrd, "console=ttyS0 stiefel.role=server stiefel.disk=/dev/vda stiefel.boot=/dev/vda")
     vms.append(server.start())
-    desktop = secure_boot_vm("desktop", workdir, link.netns)
+    desktop = VM("desktop", workdir, memory=1024, netns=link.netns, secure_boot=True)
     desktop.disk(image, usb=True).nic(link.taps[1], "52:54:00:5b:ef:02")
     vms.append(desktop.start())
 
