@@ -14,8 +14,9 @@
 #   cache        scripts/warm-cache.sh: the ramdisk and the three laptop roots the
 #                later stages share, built side by side (quick when cached)
 #   integration  pytest -m integration tests/integration (root; builds images,
-#                boots QEMU: minutes); "no tests collected" fails once any
-#                integration test file exists
+#                boots QEMU: minutes; two xdist workers, a file each, unless
+#                STIEFEL_INTEGRATION_SERIAL=1); "no tests collected" fails once
+#                any integration test file exists
 #   molecule     `molecule test -s <name>` for every extensions/molecule/<name>/molecule.yml
 #
 # Runs as root on a clean Debian 12 machine (CI: CI=true, no stdin). Stops at
@@ -205,9 +206,17 @@ stage_integration() {
     if [ "$(id -u)" -ne 0 ]; then
         echo "integration: WARNING: not root; tests that need root will be skipped"
     fi
-    # -s: integration tests print their stages and how long they took.
+    # Two workers, a whole test file each: most files keep one core busy (one
+    # TCG VM, or mmdebstrap) and left the other idle. -rA prints what each test
+    # printed (its stages and timings) in the summary, since xdist workers have
+    # no terminal; STIEFEL_INTEGRATION_SERIAL=1 runs one file after the other
+    # with the output as it happens (-s).
+    local par=(-s)
+    if [ "${STIEFEL_INTEGRATION_SERIAL:-0}" != 1 ] && "$here/.venv/bin/python" -c 'import xdist' 2>/dev/null; then
+        par=(-n 2 --dist loadfile -rA)
+    fi
     # --durations: the slowest tests, for keeping the whole run under an hour
-    "$here/.venv/bin/python" -m pytest -m integration -s -v --durations=40 --junitxml="$xml" tests/integration
+    "$here/.venv/bin/python" -m pytest -m integration "${par[@]}" -v --durations=40 --junitxml="$xml" tests/integration
     rc=$?
     count_junit "$xml"
     if [ "$rc" -eq 5 ]; then

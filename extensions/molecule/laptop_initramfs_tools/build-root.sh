@@ -15,7 +15,7 @@ case "$generator" in
     # __laptop_packages for Debian), so there the role's package task only
     # checks them: apt inside the chroot took two minutes of each CI run. The
     # initramfs-tools root keeps the real install.
-    dracut) gen_pkgs=dracut,python3-cryptography,python3-pyroute2,kexec-tools,nbd-client,iproute2,nbdkit,bash ;;
+    dracut) gen_pkgs=dracut,python3-cryptography,python3-pyroute2,kexec-tools,nbd-client,iproute2,nbdkit,bash,socat ;;
     *) echo "build-root: unknown generator $generator" >&2; exit 2 ;;
 esac
 include="python3,linux-image-amd64,$gen_pkgs,zstd,ca-certificates"
