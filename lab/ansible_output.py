@@ -97,3 +97,20 @@ def run_playbook(playbook, *args, timeout=1800, env=None):
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                           env=dict(env if env is not None else os.environ, **NO_COLOR))
     return PlaybookRun(proc, time.monotonic() - started)
+
+
+def run_module_main(module, capsys, **args):
+    """A module's ``main()`` in this process with ``args``: its JSON result plus ``rc`` (the exit code).
+
+    For unit tests: ``capsys`` is pytest's fixture, which holds what ``exit_json``/``fail_json`` printed.
+    """
+    # imported here: the lab's other readers run outside pytest and without ansible's test helpers
+    import pytest  # pylint: disable=import-outside-toplevel
+    from ansible.module_utils.testing import patch_module_args  # pylint: disable=import-outside-toplevel
+
+    with patch_module_args(args):
+        with pytest.raises(SystemExit) as exc:
+            module.main()
+    result = json.loads(capsys.readouterr().out)
+    result["rc"] = exc.value.code
+    return result

@@ -35,6 +35,9 @@ PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "e2fsprogs",
     "kmod", "procps", "iproute2", "python3", "python3-cryptography", "python3-pyroute2", "kexec-tools",
     "nbd-client", "busybox", "zstd", "ca-certificates",
+    # the NBD hook's TCP relay (the laptop role installs it too, but this root has no package
+    # lists for apt to find it with)
+    "socat",
     # for tests/integration/test_systemd_units_qemu.py, which boots this same root to run
     # nbd_serve and the standalone unit under a real systemd: one root tarball serves both
     # (SSH for Ansible, nbdkit and nbdinfo, python3-apt for the role's package task, sudo)

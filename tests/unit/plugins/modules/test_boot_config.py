@@ -1,26 +1,20 @@
 """Unit tests for the boot_config module: check mode, real run, idempotence, diff, failures."""
 from __future__ import annotations
 
-import json
 import os
 import stat
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.stiefel.system.plugins.module_utils import bootconfig
 from ansible_collections.stiefel.system.plugins.modules import boot_config as module
+from lab import ansible_output
 
 UUID = '5d3c4e2a-8f41-4b7a-9a57-2c8e1f0b9d11'
 
 
 def run_module(capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit) as exc:
-            module.main()
-    result = json.loads(capsys.readouterr().out)
-    result['rc'] = exc.value.code
-    return result
+    return ansible_output.run_module_main(module, capsys, **args)
 
 
 @pytest.fixture

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, nbd_export as ne
 from ansible_collections.stiefel.system.plugins.modules import nbd_serve
+from lab import ansible_output
 
 
 class FakeSystemctl:
@@ -67,12 +66,7 @@ def env(tmp_path, monkeypatch):
 
 
 def run(capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit) as exc:
-            nbd_serve.main()
-    result = json.loads(capsys.readouterr().out)
-    result["rc"] = exc.value.code
-    return result
+    return ansible_output.run_module_main(nbd_serve, capsys, **args)
 
 
 def test_systemd_check_real_idempotent(env, capsys):

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import stat
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.stiefel.system.plugins.module_utils import runtime_manifest
 from ansible_collections.stiefel.system.plugins.modules import runtime_install
+from lab import ansible_output
 
 
 def run_module(capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit) as exc:
-            runtime_install.main()
-    result = json.loads(capsys.readouterr().out)
-    result["rc"] = exc.value.code
-    return result
+    return ansible_output.run_module_main(runtime_install, capsys, **args)
 
 
 def laptop_files():
