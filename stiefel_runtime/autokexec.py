@@ -173,6 +173,9 @@ def check_kexec(config, log, run=subprocess.run, dry_run=False, **lockdown_paths
     except lockdown.LockdownRefusal as exc:
         log("kexec check: REFUSED: %s" % exc)
         return False
+    except lockdown.KexecBusy as exc:
+        log("kexec check: NOT CHECKED: %s" % exc)
+        return False
     except (StiefelError, OSError) as exc:
         log("kexec check: REFUSED: cannot check the stiefel server kernel %s: %s" % (config["ramdisk_kernel"], exc))
         return False

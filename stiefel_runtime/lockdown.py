@@ -20,6 +20,7 @@ import collections
 import os
 import struct
 import subprocess
+import time
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 from stiefel_runtime.common import quiet_log
@@ -63,6 +64,17 @@ class PEError(StiefelError, ValueError):
 
 class LockdownRefusal(StiefelError):
     """Secure Boot lockdown would refuse the kernel; the message says why and what the person can do."""
+
+
+class KexecBusy(StiefelError):
+    """Another kexec load held the kernel's kexec lock for the whole check: nothing was judged."""
+
+
+# kexec_file_load answers EBUSY while another load holds the kexec lock (the autokexec agent's own
+# check at service start ran beside a second one in QEMU): that says nothing about the signature.
+BUSY_TEXT = "Device or resource busy"
+BUSY_TRIES = 10
+BUSY_DELAY = 3.0
 
 
 def lockdown_state(path=LOCKDOWN_PATH):
@@ -231,7 +243,7 @@ def unload_argv(kexec="kexec"):
 
 def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockdown_path=LOCKDOWN_PATH,
                  secure_boot_path=SECURE_BOOT_VAR, dry_run=False, mounts=SYSFS_MOUNTS, initrd=None, cmdline=None,
-                 who=DESKTOP):
+                 who=DESKTOP, sleep=time.sleep):
     """Raise LockdownRefusal if a locked-down kernel would refuse to kexec ``kernel``; else say why not.
 
     Without lockdown this only reads one sysfs file (mounting securityfs first if need be). Under
@@ -258,9 +270,17 @@ def check_kernel(kernel, run=subprocess.run, log=quiet_log, kexec="kexec", lockd
         raise LockdownRefusal(refusal_text("%s carries no signature" % who.kernel, [], secure_boot, who))
     signed_by = "; ".join("%s (%s)" % s for s in signers)
     log("lockdown: %s is signed by %s" % (who.kernel, signed_by))
-    proc = run(trial_argv(kernel, initrd, cmdline, kexec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-               check=False)
-    output = proc.stdout.decode("utf-8", "replace") if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
+    for attempt in range(1, BUSY_TRIES + 1):
+        proc = run(trial_argv(kernel, initrd, cmdline, kexec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   check=False)
+        output = proc.stdout.decode("utf-8", "replace") if isinstance(proc.stdout, bytes) else str(proc.stdout or "")
+        if proc.returncode == 0 or BUSY_TEXT not in output:
+            break
+        if attempt == BUSY_TRIES:
+            raise KexecBusy("another kexec load kept the kernel busy for %d tries %.0f s apart; try again"
+                            % (BUSY_TRIES, BUSY_DELAY))
+        log("lockdown: another kexec load is in progress (EBUSY); trying again in %.0f s" % BUSY_DELAY)
+        sleep(BUSY_DELAY)
     if proc.returncode == 0:
         run(unload_argv(kexec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         log("lockdown: the kernel accepts %s" % who.kernel)

@@ -379,3 +379,46 @@ def test_check_kexec_verb_exit_codes(tmp_path, monkeypatch, capsys):
     fake.load_rc = 0
     assert autokexec.main(["--config", str(cfg), "--check-kexec"]) == 0
     assert "kexec check: accepted: lockdown integrity, Secure Boot on" in capsys.readouterr().out
+
+
+class BusyThenKexec(FakeKexec):
+    """``kexec -s -l`` gets EBUSY (another load holds the kexec lock) ``busy`` times, then loads."""
+
+    def __init__(self, busy):
+        super().__init__()
+        self.busy = busy
+
+    def __call__(self, argv, **kwargs):
+        if argv[1:3] == ["-s", "-l"] and self.busy:
+            self.busy -= 1
+            self.calls.append(list(argv))
+            return types.SimpleNamespace(returncode=1, stdout=b"kexec_file_load failed: Device or resource busy\n")
+        return super().__call__(argv, **kwargs)
+
+
+@needs_images
+def test_busy_kexec_lock_is_waited_out_not_called_untrusted(locked):
+    """Seen on the Secure Boot laptop: a second check beside the agent's own got EBUSY, then was told the key was untrusted."""
+    run, slept, lines = BusyThenKexec(2), [], []
+    found = lockdown.check_kernel(SIGNED_SHIM, run=run, log=lines.append, sleep=slept.append, **locked)
+    assert found.startswith("accepted:")
+    assert slept == [lockdown.BUSY_DELAY] * 2
+    assert sum("EBUSY" in line for line in lines) == 2
+    assert run.calls.count(["kexec", "-s", "-l", SIGNED_SHIM]) == 3
+
+
+@needs_images
+def test_a_kexec_lock_busy_throughout_is_not_a_refusal(locked):
+    run, slept = BusyThenKexec(lockdown.BUSY_TRIES), []
+    with pytest.raises(lockdown.KexecBusy, match="kept the kernel busy") as exc:
+        lockdown.check_kernel(SIGNED_SHIM, run=run, sleep=slept.append, **locked)
+    assert not isinstance(exc.value, lockdown.LockdownRefusal) and "trust" not in str(exc.value)
+    assert len(slept) == lockdown.BUSY_TRIES - 1
+
+
+@needs_images
+def test_laptop_check_says_not_checked_when_the_kexec_lock_stays_busy(tmp_path):
+    ok, lines = laptop_check(SIGNED_SHIM, tmp_path, BusyThenKexec(lockdown.BUSY_TRIES), sleep=lambda _s: None)
+    assert not ok
+    assert any(line.startswith("kexec check: NOT CHECKED: another kexec load") for line in lines), lines
+    assert not any("REFUSED" in line for line in lines)
