@@ -42,11 +42,8 @@ def load_argvs(kernel: str, initrd: str | None, cmdline: str, kexec: str = KEXEC
         raise KexecError("kernel command line must be one line without NUL")
     if len(cmdline.encode("utf-8")) >= MAX_CMDLINE:
         raise KexecError("kernel command line is %d bytes, limit %d" % (len(cmdline.encode("utf-8")), MAX_CMDLINE))
-    tail = []
-    if initrd:
-        tail.append("--initrd=" + initrd)
-    tail += ["--command-line=" + cmdline, kernel]
-    return [[kexec, "-s", "-l"] + tail] + ([[kexec, "-c", "-l"] + tail] if classic else [])
+    file_load = lockdown.trial_argv(kernel, initrd, cmdline, kexec)
+    return [file_load] + ([[kexec, "-c"] + file_load[2:]] if classic else [])
 
 
 def exec_argv(kexec: str = KEXEC) -> list:

@@ -233,7 +233,7 @@ def refusal_text(reason, signers, secure_boot, who=DESKTOP):
 def trial_argv(kernel, initrd=None, cmdline=None, kexec="kexec"):
     """``kexec -s -l``: kexec_file_load, the only load a locked-down kernel allows (it checks the signature)."""
     return ([kexec, "-s", "-l"] + (["--initrd=" + initrd] if initrd else [])
-            + (["--command-line=" + cmdline] if cmdline else []) + [kernel])
+            + (["--command-line=" + cmdline] if cmdline is not None else []) + [kernel])
 
 
 def unload_argv(kexec="kexec"):
