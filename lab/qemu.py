@@ -633,12 +633,18 @@ class Timeline(object):
         print("[%7.1f s] %s: %s" % (at, vm.name, match.group(0)), flush=True)
         return match
 
-    def served_kernel_booted(self, client):
-        """Wait for the marker kernel on ``client``; return its ``marker-cmdline:`` and ``marker-psk:`` lines."""
+    def served_kernel_booted(self, client, mac, server="fe80::"):
+        """Wait for the marker kernel on ``client`` and check what the client handed it: the laptop's own
+        command line plus the NBD root for ``mac`` at ``server`` (a prefix of its address) over TLS-PSK, and
+        the session PSK file (mode 0600). Returns the ``marker-cmdline:`` line."""
         self.mark(client, MARKER, 120)
         cmdline = self.mark(client, r"marker-cmdline: .*", 30).group(0)
         psk = self.mark(client, r"marker-psk: .*", 30).group(0)
-        return cmdline, psk
+        assert "laptop.own=1" in cmdline
+        assert "stiefel.mac=%s" % mac in cmdline
+        assert "stiefel.server=%s" % server in cmdline and "stiefel.tls=psk" in cmdline
+        assert psk == "marker-psk: present 600"
+        return cmdline
 
     def show(self):
         print("\ntimeline (s since the VMs were started):")

@@ -91,13 +91,6 @@ options:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - stiefel.system.write_target
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 requirements:
   - sfdisk, mkfs.fat (dosfstools), mtools, syslinux on the host that writes the stick
   - for I(uefi_loader=shim) shim-signed, grub-efi-amd64-signed, sbsigntool, binutils (objcopy) and openssl

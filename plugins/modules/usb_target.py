@@ -33,13 +33,6 @@ options:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - stiefel.system.write_target
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 author:
   - stiefel.system developers (@stiefel-system)
 """

@@ -17,7 +17,7 @@ import pytest
 
 from lab import ansible_output
 from lab.netns import Namespaces
-from lab.qemu import build_image, cache_dir, vm_lab
+from lab.qemu import RamdiskUnavailable, build_image, cache_dir, ramdisk_files, vm_lab
 
 
 @pytest.fixture
@@ -71,3 +71,13 @@ def built():
     print("build: changed=%d (%s)" % (changed, ", ".join(ansible_output.changed_tasks(stdout)) or "nothing rebuilt"))
     with open(os.path.join(cache_dir(), "ramdisk", "manifest.json"), encoding="utf-8") as handle:
         return json.load(handle)
+
+
+@pytest.fixture
+def ramdisk_pair():
+    """``(kernel, ramdisk)`` of the cached ramdisk build (:func:`lab.qemu.ramdisk_files`); skipped when
+    there is none."""
+    try:
+        return ramdisk_files()
+    except RamdiskUnavailable as exc:
+        pytest.skip(str(exc))

@@ -28,8 +28,8 @@ import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
 from lab import ansible_output
-from lab.qemu import (VM, RamdiskUnavailable, Timeline, checkout_overlay, laptop_boot_image, ramdisk_files,
-                      ramdisk_fixups, ramdisk_with_key, secure_boot_missing)
+from lab.qemu import (VM, Timeline, checkout_overlay, laptop_boot_image, ramdisk_fixups, ramdisk_with_key,
+                      secure_boot_missing)
 from stiefel_runtime import kexec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,12 +75,9 @@ def esp_file(image, path, out):
     return out
 
 
-def test_unsigned_kernel_refused_at_build(qemu_lab):
+def test_unsigned_kernel_refused_at_build(qemu_lab, ramdisk_pair):
     workdir, _link, _vms = qemu_lab
-    try:
-        kernel, ramdisk = ramdisk_files()
-    except RamdiskUnavailable as exc:
-        pytest.skip(str(exc))
+    kernel, ramdisk = ramdisk_pair
     stripped = stripped_copy(kernel, os.path.join(workdir, "vmlinuz-unsigned"))
     image = os.path.join(workdir, "refused.img")
     run = flash(workdir, stripped, ramdisk, write_key(os.path.join(workdir, "key"), keyfile.generate_key()),
@@ -96,14 +93,11 @@ def test_unsigned_kernel_refused_at_build(qemu_lab):
     assert not os.path.exists(image)
 
 
-def test_secure_boot_stick_and_lockdown_refusal(qemu_lab):
+def test_secure_boot_stick_and_lockdown_refusal(qemu_lab, ramdisk_pair):
     workdir, link, vms = qemu_lab
     if secure_boot_missing():
         pytest.skip(secure_boot_missing())
-    try:
-        kernel, ramdisk = ramdisk_files()
-    except RamdiskUnavailable as exc:
-        pytest.skip(str(exc))
+    kernel, ramdisk = ramdisk_pair
     listing = sbverify_list(kernel)
     print("sbverify --list %s (the ramdisk kernel):\n%s" % (kernel, listing))
     assert "Debian Secure Boot CA" in listing
