@@ -178,11 +178,14 @@ class BoundedHTTPServer(object):
     # -- listeners (any thread)
     def listen(self, key, host, port, scope_id=0):
         """Bind and listen on ``(host, port, 0, scope_id)`` under ``key``; returns the bound port."""
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        # IPv4 only for network boot's link address (firmware and GRUB speak IPv4 HTTP)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port, 0, scope_id))
+            sock.bind((host, port, 0, scope_id) if family == socket.AF_INET6 else (host, port))
             sock.listen(self.limits.backlog)
             sock.setblocking(False)
         except OSError:
