@@ -42,6 +42,34 @@ SECURE_BOOT_LINES = (("Secure Boot on", r"secureboot: Secure boot enabled"),
                      ("kernel locked down", r"Kernel is locked down from EFI Secure Boot"))
 # The laptop agent's check at start: "accepted: ...", "this kernel is not locked down ..." or "REFUSED: ...".
 KEXEC_CHECK = r"stiefel-autokexec: kexec check: [^\n]*"
+# The way back (seconds a dropped desktop has to come back: short here, the role's default is 120).
+RETURN_WAIT = 20
+RETURN_STAGES = [
+    ("server saw clients gone", r"stiefel-server: way back: all NBD clients gone"),
+    ("export stopped+flushed", r"stiefel-server: way back: \S+ flushed"),
+    ("kexec to the laptop OS", r"stiefel-server: way back: kexec now"),
+    ("laptop target again", r"E2E-TARGET multi-user reached"),
+]
+RETURNED = r"E2E-LAPTOP returned machine-id=(\S+) cmdline=(.*)"
+# On the laptop's own OS, once the desktop wrote its proof file there: the way back worked. It says
+# so with the machine-id and command line, then powers off cleanly, so verify finds the disk clean.
+RETURN_PROBE = """#!/bin/sh
+grep -q 'stiefel.mac=' /proc/cmdline && exit 0
+[ -e /root/e2e-proof ] || exit 0
+echo "E2E-LAPTOP returned machine-id=$(cat /etc/machine-id) cmdline=$(cat /proc/cmdline)" > /dev/ttyS0
+systemctl --no-block poweroff
+"""
+RETURN_UNIT = """[Unit]
+Description=stiefel end-to-end: the laptop is back in its own OS (test fixture)
+After=multi-user.target stiefel-e2e-target.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/stiefel-e2e-returned
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 # (label, vm, pattern): the timeline, in the order the flow passes through it.
 STAGES = [
@@ -109,6 +137,7 @@ def create(args):
     key = os.path.join(wd, "stiefel.key")
     tarball = laptop_disk.build_root_tarball(os.path.join(os.path.dirname(wd), laptop_disk.TARBALL_DIR))
     root = laptop_disk.unpack_root(tarball, os.path.join(wd, "laptop-root"))
+    install_return_probe(root)
     inventory = os.path.join(wd, "laptop-inventory.yml")
     with open(inventory, "w") as handle:
         json.dump({"all": {"hosts": {"e2e-laptop": {
@@ -130,6 +159,8 @@ def create(args):
                              "laptop_listen_macs": [LAPTOP_MAC],
                              "laptop_boot_cmdline_extra": ["systemd.swap=0", "noresume", "console=ttyS0,115200"],
                              "laptop_server_cmdline_extra": ["console=ttyS0,115200"],
+                             "laptop_when_done": "return",
+                             "laptop_return_wait": RETURN_WAIT,
                          }))
     finally:
         umount_all(mounts)
@@ -149,6 +180,40 @@ def create(args):
                     "secure_boot": bool(args.secure_boot)})
     log("created: laptop.img (%s%s), stick.img, namespace %s"
         % (firmware, ", Secure Boot" if args.secure_boot else "", link.netns))
+
+
+def install_return_probe(root):
+    path = os.path.join(root, "usr/local/sbin/stiefel-e2e-returned")
+    with open(path, "w") as handle:
+        handle.write(RETURN_PROBE)
+    os.chmod(path, 0o755)
+    unit = os.path.join(root, "etc/systemd/system/stiefel-e2e-returned.service")
+    with open(unit, "w") as handle:
+        handle.write(RETURN_UNIT)
+    link = os.path.join(root, "etc/systemd/system/multi-user.target.wants/stiefel-e2e-returned.service")
+    if not os.path.lexists(link):
+        os.symlink("/etc/systemd/system/stiefel-e2e-returned.service", link)
+
+
+def follow_return(laptop, start, base, timeline):
+    """The way back on the laptop's console, after the desktop's power-off: the stages and the probe's line."""
+    for label, pattern in RETURN_STAGES:
+        try:
+            stamp, _match = laptop.wait_for(pattern, timeout=900, start=start, fail_patterns=(
+                r"Kernel panic", r"stiefel-server: way back failed"))
+        except MarkerTimeout as exc:
+            log("FAILED at return stage '%s': %s" % (label, exc))
+            raise SystemExit(1)
+        timeline[label] = stamp + laptop.started_at - base
+        log("%-22s %7.1f s" % (label, timeline[label]))
+    _stamp, match = laptop.wait_for(RETURNED, timeout=300, start=start)
+    log("laptop: %s" % match.group(0))
+    rc = laptop.wait_exit(300)
+    if rc is None:
+        log("the laptop's OS did not power off within 300 s after the return")
+        raise SystemExit(1)
+    timeline["laptop clean power-off"] = time.monotonic() - base
+    return {"machine_id": match.group(1), "cmdline": match.group(2).strip()}
 
 
 def _vm_pids(wd):
@@ -231,15 +296,18 @@ def converge(args):
         timeline[label] = stamp + vm.started_at - base
         log("%-22s %7.1f s" % (label, timeline[label]))
     # The probe writes the proof file and powers the desktop off cleanly.
+    returning = laptop.position()
     desktop.wait_for(r"E2E-PROOF sha256=([0-9a-f]{64})", timeout=300)
     rc = desktop.wait_exit(300)
     timeline["desktop clean power-off"] = time.monotonic() - base
+    log("%-22s %7.1f s" % ("desktop clean power-off", timeline["desktop clean power-off"]))
     if rc is None:
         log("desktop did not power off within 300 s")
         raise SystemExit(1)
-    laptop.stop()
+    # The way back: the server ramdisk kexecs into the laptop's own OS, which powers off once up.
+    returned = follow_return(laptop, returning, base, timeline)
     with open(os.path.join(wd, "timeline.json"), "w") as handle:
-        json.dump(dict(timeline, laptop=laptop_marks, secure_boot=secure_boot), handle, indent=1)
+        json.dump(dict(timeline, laptop=laptop_marks, secure_boot=secure_boot, returned=returned), handle, indent=1)
     print_timeline(timeline, laptop_marks, secure_boot)
 
 
@@ -255,6 +323,9 @@ def print_timeline(timeline, laptop_marks=None, secure_boot=False):
     direct = timeline.get("direct boot to target")
     if total and direct:
         print("  %-28s %7.2f" % ("ratio stiefel / direct boot", total / direct))
+    off, back = timeline.get("desktop clean power-off"), timeline.get("laptop target again")
+    if off and back:
+        print("  %-28s %7.1f" % ("return: power-off to target", back - off))
 
 
 def verify(args):
@@ -281,6 +352,15 @@ def verify(args):
             problems.append("laptop's autokexec did not accept the server kernel: %s" % (check and check.group(0)))
         else:
             log("laptop console: %s" % check.group(0).strip())
+    laptop_text = open(os.path.join(wd, "laptop.serial.log"), encoding="utf-8", errors="replace").read()
+    returned = re.search(RETURNED, laptop_text)
+    if not returned or returned.group(1) != machine_id:
+        problems.append("the laptop did not come back to its own OS (%s)" % (returned.group(0) if returned else
+                                                                             "no E2E-LAPTOP line"))
+    elif "stiefel." in returned.group(2):
+        problems.append("the laptop came back with stiefel options on its command line: %s" % returned.group(2))
+    else:
+        log("laptop console: back in its own OS, machine-id %s, cmdline %s" % (machine_id, returned.group(2)))
     if not probe or probe.group(1) != machine_id or probe.group(2) != laptop_disk.HOSTNAME:
         problems.append("desktop did not run the laptop's OS (probe: %s)" % (probe.group(0) if probe else None))
     offset = laptop_disk.root_start_sector(state.get("firmware", "bios")) * 512

@@ -47,7 +47,7 @@ import subprocess
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, lockdown, messages
+from stiefel_runtime import discovery, kexec, lockdown, messages, wayback
 from stiefel_runtime.common import Console, parse_cmdline, run_agent
 from stiefel_runtime.netlink import LINK_ADDED, LinkManager
 
@@ -134,6 +134,20 @@ def already_stiefeled(proc_cmdline):
     return "mac" in parse_cmdline(proc_cmdline)
 
 
+def server_archive(key_text, return_cmdline):
+    """The extra initrd for the server ramdisk: the key (0600) and the laptop's own command line.
+
+    The server kexecs back into the laptop's OS with that command line (wayback.RETURN_CMDLINE_PATH):
+    the one it booted with, not the NBD one it serves to desktops.
+    """
+    archive = cpio.key_archive(key_text)
+    if return_cmdline:
+        # a second archive after the first (4-byte aligned): the kernel unpacks them in turn
+        archive += cpio.write_newc([cpio.CpioEntry.file(wayback.RETURN_CMDLINE_PATH.lstrip("/"),
+                                                        (return_cmdline + "\n").encode("utf-8"), 0o644)])
+    return archive
+
+
 class Decider(object):
     """Pure decision: datagram (and its interface) in -> ``(reply or None, trigger reason or None)``.
 
@@ -197,12 +211,13 @@ class AutokexecAgent(object):
         self.sock = None
         self.decider = Decider(self.key)
         self.triggered = 0
+        self.proc_cmdline = ""
 
     def kexec_command(self):
         """Build ramdisk initrd + key cpio in run_dir; return (kernel, initrd, cmdline)."""
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         initrd = os.path.join(self.run_dir, "ramdisk-with-key.img")
-        key_cpio = cpio.key_archive(keyfile.encode_key(self.key))
+        key_cpio = server_archive(keyfile.encode_key(self.key), wayback.laptop_cmdline(self.proc_cmdline))
         kexec.concat_files(initrd, [self.config["ramdisk_initrd"]], key_cpio)
         return self.config["ramdisk_kernel"], initrd, self.config["server_cmdline"]
 
@@ -241,6 +256,7 @@ class AutokexecAgent(object):
                 proc_cmdline = handle.read(65536)
         except OSError:
             pass
+        self.proc_cmdline = proc_cmdline
         if already_stiefeled(proc_cmdline):
             self.console("this system was booted by stiefel (stiefel.mac= on the kernel command line): "
                          "autokexec stays idle")

@@ -34,7 +34,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, httpserve, messages, payload, server_config
+from stiefel_runtime import discovery, httpserve, messages, payload, server_config, wayback
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
@@ -53,6 +53,9 @@ POWER_INTERVAL = 30.0
 # waits out the window instead of spinning.
 NBD_RESTART_BURST = 5
 NBD_RESTART_WINDOW = 60.0
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
 _NONCE_HEX = r"([0-9a-f]{32})"
 _PAYLOAD_PATH = re.compile(r"\A/payload/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
 _UNLOCK_PATH = re.compile(r"\A/unlock/%s/%s\Z" % (_NONCE_HEX, _NONCE_HEX))
@@ -286,12 +289,26 @@ def listening_socket(host, port, scope_id, backlog=128):
     try:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_keepalive(sock)
         sock.bind((host, port, 0, scope_id))
         sock.listen(backlog)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def set_keepalive(sock):
+    """Keepalive on a listening socket (accepted connections inherit it).
+
+    A desktop that powered off or lost the cable while idle sends no FIN: without probes its connection
+    stays ESTABLISHED here for ever and the way back never sees the client gone (about 25 s with these).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 # ------------------------------------------------------------------ the agent
@@ -305,6 +322,13 @@ class ServerAgent(object):
     # The ramdisk keeps answering (and says why on the console) when the disk cannot be served;
     # standalone mode has nothing to offer without it.
     strict = False
+    # The way back (:mod:`~stiefel_runtime.wayback`): a DoneWatcher in the ramdisk, None standalone
+    # (a laptop serving a spare disk runs its own OS already).
+    way_back = None
+    return_cmdline = None  # the laptop's own command line, from autokexec
+    _nbd_clean = 0  # clean disconnects (NBD_CMD_DISC) nbdkit logged, counted by its log thread
+    _way_back_seen = None
+    way_back_seams = {}  # wayback.finish's run/poweroff/flush: unit tests only
 
     def __init__(self, key, console, run_dir=RUN_DIR, boot_dir=None, boot_spec=None, luks_spec=None, disk=None,
                  mtu=None, http_port=DEFAULT_HTTP_PORT, nbd_port=nbd_export.DEFAULT_PORT,
@@ -444,6 +468,8 @@ class ServerAgent(object):
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 found = nbd_export.refused_attempt(line)
+                if wayback.CLEAN_DISCONNECT in line:
+                    self._nbd_clean += 1
                 if found is not None:
                     number, reason = found
                     if number != last:  # a plaintext client is refused once per option it tries
@@ -574,6 +600,38 @@ class ServerAgent(object):
             self.console("power: %s" % message)
         self._last_power = (level, message)
 
+    # -- the way back
+    def check_way_back(self, now=None):
+        """Feed the DoneWatcher; once it is due, stop and flush the export and follow the policy."""
+        if self.way_back is None:
+            return
+        with self.state.lock:
+            seen = (self.state.payload_count, tuple(sorted(self.state.clients.items())), self._nbd_clean)
+        previous = self._way_back_seen or seen
+        self._way_back_seen = seen
+        activity = seen[:2] != previous[:2]
+        clean = seen[2] != previous[2]
+        now = time.monotonic() if now is None else now
+        if not self.way_back.observe(now, len(self._nbd_peers), activity=activity, clean=clean):
+            return
+        self.follow_way_back(**self.way_back_seams)
+
+    def follow_way_back(self, **seams):
+        source = self.state.source
+        paths = source.paths if source is not None else {}
+        cmdline = self.return_cmdline
+        if cmdline is None and source is not None:
+            cmdline = wayback.laptop_cmdline(source.manifest.cmdline)
+            self.console("way back: no command line from autokexec: using the served one without stiefel.* "
+                         "options")
+        try:
+            wayback.finish(self.way_back.policy, self._stop_nbd, self._nbd_disk, paths.get("kernel"),
+                           paths.get("initrd"), cmdline or "", log=self.console, **seams)
+        except (StiefelError, OSError) as exc:
+            self.console("way back failed: %s; serving the disk again" % exc)
+            self.way_back.state = "idle"
+            self._sync_nbd(self._wanted_listeners())
+
     # -- main loop
     def handle_datagram(self, data, host, port, scope):
         source = "%s%%%s" % (host, scope)
@@ -623,6 +681,7 @@ class ServerAgent(object):
                     self.check_nbd_peers()
                     # every few seconds, not every status line: a desktop's proxy is waiting to reconnect
                     self._check_nbd()
+                    self.check_way_back()
                     next_peers = now + PEERS_INTERVAL
                 if now >= next_status:
                     self.console("status: " + self.status_line())
@@ -765,11 +824,22 @@ def run_ramdisk(args):
             disk=args.disk or options.get("disk") or None, mtu=options.get("mtu"),
             http_port=args.http_port or DEFAULT_HTTP_PORT, nbd_port=args.nbd_port or 10809,
             export_name=args.export_name or "stiefel", power_sysfs=args.power_sysfs)
+        setup_way_back(agent, options, args.return_cmdline_file)
         agent.run()
     except StiefelError as exc:
         console("fatal: %s" % exc)
         return EXIT_FAILED
     return 0
+
+
+def setup_way_back(agent, options, return_cmdline_file):
+    """The ramdisk server's policy for when the desktop is done (stiefel.when_done=, stiefel.return_wait=)."""
+    policy, wait = wayback.policy_from(options, log=agent.console)
+    agent.way_back = wayback.DoneWatcher(policy, wait, log=agent.console)
+    agent.return_cmdline = wayback.read_return_cmdline(return_cmdline_file)
+    agent.console("way back: when the desktop is done: %s (waits %d s for a dropped client, %d s after a clean "
+                  "disconnect)%s" % (policy, wait, min(wait, wayback.CLEAN_WAIT), "" if policy != wayback.RETURN else
+                                     "; laptop command line %r" % (agent.return_cmdline or "(the served one)")))
 
 
 def main(argv=None):
@@ -791,6 +861,8 @@ def main(argv=None):
     parser.add_argument("--nbd-port", type=int)
     parser.add_argument("--export-name")
     parser.add_argument("--power-sysfs", default="/sys/class/power_supply")
+    parser.add_argument("--return-cmdline-file", default=wayback.RETURN_CMDLINE_PATH,
+                        help="ramdisk: the laptop's own command line for the way back (written by autokexec)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.check_config:
