@@ -54,8 +54,13 @@ KEXEC_REQUEST = 3
 KEXEC_ACK = 4
 SESSION_REQUEST = 5
 SESSION_ACCEPT = 6
+# The desktop asks the server ramdisk what to do once it is done (stiefel_runtime.whendone); the
+# request answers a fresh OFFER challenge like SESSION_REQUEST does.
+WHEN_DONE = 7
+WHEN_DONE_ACK = 8
 TYPE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", KEXEC_REQUEST: "KEXEC_REQUEST", KEXEC_ACK: "KEXEC_ACK",
-              SESSION_REQUEST: "SESSION_REQUEST", SESSION_ACCEPT: "SESSION_ACCEPT"}
+              SESSION_REQUEST: "SESSION_REQUEST", SESSION_ACCEPT: "SESSION_ACCEPT", WHEN_DONE: "WHEN_DONE",
+              WHEN_DONE_ACK: "WHEN_DONE_ACK"}
 _PURPOSE = {
     DISCOVER: keyschedule.DISCOVERY,
     OFFER: keyschedule.DISCOVERY,
@@ -63,7 +68,11 @@ _PURPOSE = {
     KEXEC_ACK: keyschedule.AUTOKEXEC,
     SESSION_REQUEST: keyschedule.DISCOVERY,
     SESSION_ACCEPT: keyschedule.DISCOVERY,
+    WHEN_DONE: keyschedule.DISCOVERY,
+    WHEN_DONE_ACK: keyschedule.DISCOVERY,
 }
+# WHEN_DONE's policy byte (wayback's names).
+WHEN_DONE_POLICIES = {1: "return", 2: "poweroff", 3: "stay"}
 
 # OFFER roles: who answered.
 ROLE_SERVER = 1  # the server ramdisk: payload and NBD are available
@@ -77,6 +86,7 @@ KNOWN_FLAGS = FLAG_NEEDS_PASSPHRASE
 _OFFER_FIXED = struct.Struct(">16s16sBBHHB")  # client nonce, server nonce, role, flags, http, nbd, name length
 _NONCE_PAIR = struct.Struct(">16s16s")
 _NONCE_TRIPLE = struct.Struct(">16s16s16s")  # client nonce, challenge, session nonce
+_WHEN_DONE = struct.Struct(">16s16sB")  # client nonce, challenge, policy
 
 
 class Message(object):
@@ -88,7 +98,7 @@ class Message(object):
     """
 
     __slots__ = ("type", "client_nonce", "server_nonce", "session_nonce", "role", "flags", "http_port", "nbd_port",
-                 "export_name")
+                 "export_name", "policy")
 
     def __init__(self, msg_type, client_nonce, server_nonce=None, role=None, flags=0,
                  http_port=None, nbd_port=None, export_name=None, session_nonce=None):
@@ -101,6 +111,7 @@ class Message(object):
         self.http_port = http_port
         self.nbd_port = nbd_port
         self.export_name = export_name
+        self.policy = None  # WHEN_DONE and its ACK: return, poweroff or stay
 
     @property
     def type_name(self):
@@ -182,6 +193,25 @@ def build_session_accept(key: bytes, client_nonce: bytes, challenge: bytes, sess
     return _seal(key, SESSION_ACCEPT, _NONCE_TRIPLE.pack(bytes(client_nonce), bytes(challenge), bytes(session_nonce)))
 
 
+def build_when_done(key: bytes, client_nonce: bytes, challenge: bytes, policy: str, ack: bool = False) -> bytes:
+    """WHEN_DONE (or its ACK, which repeats the request's fields) asking for ``policy`` (return/poweroff/stay)."""
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("challenge", challenge)
+    codes = {name: code for code, name in WHEN_DONE_POLICIES.items()}
+    if policy not in codes:
+        raise MalformedMessage("unknown when-done policy %r" % (policy,))
+    return _seal(key, WHEN_DONE_ACK if ack else WHEN_DONE,
+                 _WHEN_DONE.pack(bytes(client_nonce), bytes(challenge), codes[policy]))
+
+
+def datagram_type(data) -> int | None:
+    """The type byte of something shaped like a datagram of this version (NOT authenticated: only to route it)."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < HEADER.size:
+        return None
+    magic, version, msg_type, _kid = HEADER.unpack_from(bytes(data[:HEADER.size]))
+    return msg_type if magic == MAGIC and version == VERSION else None
+
+
 def parse(key: bytes, data: bytes, expect=None) -> Message:
     """Authenticate and parse a datagram.
 
@@ -221,6 +251,15 @@ def parse(key: bytes, data: bytes, expect=None) -> Message:
             raise MalformedMessage("SESSION_ACCEPT body must be %d bytes" % _NONCE_TRIPLE.size)
         client_nonce, challenge, session_nonce = _NONCE_TRIPLE.unpack(body)
         return Message(SESSION_ACCEPT, client_nonce, challenge, session_nonce=session_nonce)
+    if msg_type in (WHEN_DONE, WHEN_DONE_ACK):
+        if len(body) != _WHEN_DONE.size:
+            raise MalformedMessage("%s body must be %d bytes" % (TYPE_NAMES[msg_type], _WHEN_DONE.size))
+        client_nonce, challenge, code = _WHEN_DONE.unpack(body)
+        if code not in WHEN_DONE_POLICIES:
+            raise MalformedMessage("%s names unknown policy %d" % (TYPE_NAMES[msg_type], code))
+        msg = Message(msg_type, client_nonce, challenge)
+        msg.policy = WHEN_DONE_POLICIES[code]
+        return msg
     if msg_type in (KEXEC_REQUEST, KEXEC_ACK, SESSION_REQUEST):
         if len(body) != _NONCE_PAIR.size:
             raise MalformedMessage("%s body must be %d bytes" % (TYPE_NAMES[msg_type], _NONCE_PAIR.size))
@@ -305,3 +344,192 @@ class ChallengeBook(object):
             raise ReplayedMessage("answer to an expired challenge")
         if not hmac.compare_digest(issued_to, client_nonce):
             raise ReplayedMessage("challenge was issued to another client nonce")
+
+
+# ------------------------------------------------------------------ pairing (issue 17)
+#
+# A network-booted desktop has no key: it pairs with the code the laptop shows (SPAKE2, then key
+# confirmation both ways, the desktop first). Same header as above, key id all zeros (no key yet), no
+# HMAC trailer: SPAKE2 and the confirmations authenticate the exchange. Every body has one fixed size.
+#
+#   PAIR_HELLO      c->s  client nonce | SPAKE2 message A
+#   PAIR_CHALLENGE  s->c  client nonce | server nonce | SPAKE2 message B
+#   PAIR_PROOF      c->s  client nonce | server nonce | HMAC(confirm c2s, transcript)
+#   PAIR_WELCOME    s->c  client nonce | server nonce | HMAC(confirm s2c, transcript) | AES-GCM(stiefel key)
+#   PAIR_REFUSED    s->c  client nonce | server nonce | reason u8 | retry after (s) u32   (not authenticated)
+# 16 and up: well clear of the keyed types (1-15 are theirs to grow into).
+PAIR_HELLO = 16
+PAIR_CHALLENGE = 17
+PAIR_PROOF = 18
+PAIR_WELCOME = 19
+PAIR_REFUSED = 20
+PAIRING_TYPES = (PAIR_HELLO, PAIR_CHALLENGE, PAIR_PROOF, PAIR_WELCOME, PAIR_REFUSED)
+TYPE_NAMES.update({PAIR_HELLO: "PAIR_HELLO", PAIR_CHALLENGE: "PAIR_CHALLENGE", PAIR_PROOF: "PAIR_PROOF",
+                   PAIR_WELCOME: "PAIR_WELCOME", PAIR_REFUSED: "PAIR_REFUSED"})
+NO_KEY_ID = bytes(keyschedule.KEY_ID_BYTES)
+SPAKE_BYTES = 33  # the spake2 package's Ed25519 group: side byte + point
+CONFIRM_BYTES = 32
+GCM_NONCE_BYTES = 12
+SEALED_KEY_BYTES = GCM_NONCE_BYTES + 32 + 16
+REFUSED_WRONG_CODE = 1
+REFUSED_LOCKED = 2
+REFUSED_BUSY = 3
+REFUSED_REASONS = {REFUSED_WRONG_CODE: "wrong pairing code", REFUSED_LOCKED: "pairing locked after wrong codes",
+                   REFUSED_BUSY: "pairing busy"}
+_PAIR_BODY = {
+    PAIR_HELLO: struct.Struct(">16s33s"),
+    PAIR_CHALLENGE: struct.Struct(">16s16s33s"),
+    PAIR_PROOF: struct.Struct(">16s16s32s"),
+    PAIR_WELCOME: struct.Struct(">16s16s32s60s"),
+    PAIR_REFUSED: struct.Struct(">16s16sBI"),
+}
+PAIR_DESKTOP_ID = b"stiefel.system desktop"
+PAIR_LAPTOP_ID = b"stiefel.system laptop"
+
+
+class PairingMessage(object):
+    __slots__ = ("type", "client_nonce", "server_nonce", "spake", "confirm", "sealed_key", "reason", "retry_after",
+                 "head")
+
+    def __init__(self, msg_type, client_nonce, server_nonce=None, spake=None, confirm=None, sealed_key=None,
+                 reason=None, retry_after=None, head=b""):
+        self.type = msg_type
+        self.client_nonce = client_nonce
+        self.server_nonce = server_nonce
+        self.spake = spake
+        self.confirm = confirm
+        self.sealed_key = sealed_key
+        self.reason = reason
+        self.retry_after = retry_after
+        self.head = head
+
+    @property
+    def type_name(self):
+        return TYPE_NAMES[self.type]
+
+    @property
+    def body(self):
+        """The fields as sent (the transcript is HELLO body + CHALLENGE body)."""
+        return self.head[HEADER.size:]
+
+
+def is_pairing(data) -> bool:
+    """True for a datagram that claims to be a pairing message (parse_pairing decides if it is one)."""
+    return len(data) >= HEADER.size and data[:4] == MAGIC and data[5] in PAIRING_TYPES
+
+
+def _pair(msg_type, *fields):
+    out = HEADER.pack(MAGIC, VERSION, msg_type, NO_KEY_ID) + _PAIR_BODY[msg_type].pack(*fields)
+    return out
+
+
+def build_pair_hello(client_nonce, spake):
+    _check_nonce("client nonce", client_nonce)
+    if len(spake) != SPAKE_BYTES:
+        raise MalformedMessage("SPAKE2 message must be %d bytes" % SPAKE_BYTES)
+    return _pair(PAIR_HELLO, client_nonce, spake)
+
+
+def build_pair_challenge(client_nonce, server_nonce, spake):
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("server nonce", server_nonce)
+    if len(spake) != SPAKE_BYTES:
+        raise MalformedMessage("SPAKE2 message must be %d bytes" % SPAKE_BYTES)
+    return _pair(PAIR_CHALLENGE, client_nonce, server_nonce, spake)
+
+
+def pairing_transcript(hello, challenge) -> bytes:
+    """Both sides' first messages as sent: what the confirmations and the wrapped key are bound to."""
+    return hello[HEADER.size:] + challenge[HEADER.size:]
+
+
+def _confirm(keys, purpose, transcript):
+    return hmac.new(keys[purpose], transcript, hashlib.sha256).digest()
+
+
+def pairing_keys(spake_key, hello, challenge):
+    transcript = pairing_transcript(hello, challenge)
+    return transcript, keyschedule.pairing_keys(spake_key, transcript)
+
+
+def build_pair_proof(client_nonce, server_nonce, keys, transcript):
+    return _pair(PAIR_PROOF, client_nonce, server_nonce, _confirm(keys, keyschedule.PAIRING_CONFIRM_C2S, transcript))
+
+
+def check_pair_proof(msg, keys, transcript):
+    if not hmac.compare_digest(msg.confirm, _confirm(keys, keyschedule.PAIRING_CONFIRM_C2S, transcript)):
+        raise AuthenticationFailed("PAIR_PROOF does not confirm the key: wrong pairing code")
+
+
+def build_pair_welcome(client_nonce, server_nonce, keys, transcript, stiefel_key):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # pylint: disable=import-outside-toplevel
+
+    confirm = _confirm(keys, keyschedule.PAIRING_CONFIRM_S2C, transcript)
+    gcm_nonce = secrets.token_bytes(GCM_NONCE_BYTES)
+    aad = HEADER.pack(MAGIC, VERSION, PAIR_WELCOME, NO_KEY_ID) + client_nonce + server_nonce + confirm
+    sealed = gcm_nonce + AESGCM(keys[keyschedule.PAIRING_KEY_WRAP]).encrypt(gcm_nonce, bytes(stiefel_key), aad)
+    return _pair(PAIR_WELCOME, client_nonce, server_nonce, confirm, sealed)
+
+
+def open_pair_welcome(msg, keys, transcript) -> bytes:
+    """The stiefel key from an authentic PAIR_WELCOME (the laptop proved it knows the code too)."""
+    from cryptography.exceptions import InvalidTag  # pylint: disable=import-outside-toplevel
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # pylint: disable=import-outside-toplevel
+
+    if not hmac.compare_digest(msg.confirm, _confirm(keys, keyschedule.PAIRING_CONFIRM_S2C, transcript)):
+        raise AuthenticationFailed("PAIR_WELCOME does not confirm the key: not the laptop that showed this code")
+    aad = msg.head[:HEADER.size] + msg.client_nonce + msg.server_nonce + msg.confirm
+    try:
+        key = AESGCM(keys[keyschedule.PAIRING_KEY_WRAP]).decrypt(msg.sealed_key[:GCM_NONCE_BYTES],
+                                                                 msg.sealed_key[GCM_NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise AuthenticationFailed("PAIR_WELCOME key does not decrypt") from None
+    return key
+
+
+def build_pair_refused(client_nonce, server_nonce, reason, retry_after=0):
+    if reason not in REFUSED_REASONS:
+        raise MalformedMessage("unknown refusal reason %r" % (reason,))
+    return _pair(PAIR_REFUSED, client_nonce, server_nonce or bytes(NONCE_BYTES), reason,
+                 max(0, min(int(retry_after), 0xFFFFFFFF)))
+
+
+def parse_pairing(data, expect=None) -> PairingMessage:
+    """Parse a pairing datagram (fixed size per type); raises a ProtocolError subclass for anything else."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise MalformedMessage("datagram must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_DATAGRAM:
+        raise OversizedMessage("datagram of %d bytes exceeds %d" % (len(data), MAX_DATAGRAM))
+    if len(data) < HEADER.size:
+        raise TruncatedMessage("datagram of %d bytes is shorter than a header" % len(data))
+    magic, version, msg_type, kid = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MalformedMessage("not a stiefel datagram (bad magic)")
+    if version != VERSION:
+        raise UnsupportedVersion("protocol version %d, this side speaks %d (update the other side)" % (version, VERSION))
+    if msg_type not in PAIRING_TYPES:
+        raise MalformedMessage("not a pairing message (type %d)" % msg_type)
+    if expect is not None and msg_type not in expect:
+        raise MalformedMessage("unexpected message type %s" % TYPE_NAMES[msg_type])
+    if kid != NO_KEY_ID:
+        raise MalformedMessage("%s carries a key id: pairing has no key yet" % TYPE_NAMES[msg_type])
+    layout = _PAIR_BODY[msg_type]
+    body = data[HEADER.size:]
+    if len(body) < layout.size:
+        raise TruncatedMessage("%s body of %d bytes, needs %d" % (TYPE_NAMES[msg_type], len(body), layout.size))
+    if len(body) > layout.size:
+        raise OversizedMessage("%s body of %d bytes, needs %d" % (TYPE_NAMES[msg_type], len(body), layout.size))
+    fields = layout.unpack(body)
+    head = data
+    if msg_type == PAIR_HELLO:
+        return PairingMessage(msg_type, fields[0], spake=fields[1], head=head)
+    if msg_type == PAIR_CHALLENGE:
+        return PairingMessage(msg_type, fields[0], fields[1], spake=fields[2], head=head)
+    if msg_type == PAIR_PROOF:
+        return PairingMessage(msg_type, fields[0], fields[1], confirm=fields[2], head=head)
+    if msg_type == PAIR_WELCOME:
+        return PairingMessage(msg_type, fields[0], fields[1], confirm=fields[2], sealed_key=fields[3], head=head)
+    if fields[2] not in REFUSED_REASONS:
+        raise MalformedMessage("PAIR_REFUSED with unknown reason %d" % fields[2])
+    return PairingMessage(msg_type, fields[0], fields[1], reason=fields[2], retry_after=fields[3], head=head)

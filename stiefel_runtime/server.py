@@ -34,7 +34,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, httpserve, messages, payload, server_config, wayback
+from stiefel_runtime import discovery, httpserve, messages, pairing, payload, server_config, wayback
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
@@ -632,9 +632,34 @@ class ServerAgent(object):
             self.way_back.state = "idle"
             self._sync_nbd(self._wanted_listeners())
 
+    def handle_when_done(self, data, host, port, scope):
+        """WHEN_DONE (``python3 -m stiefel_runtime when-done``): answers a fresh OFFER challenge, sets the policy."""
+        source = "%s%%%s" % (host, scope)
+        try:
+            msg = messages.parse(self.key, data, expect=(messages.WHEN_DONE,))
+            if self.way_back is None:
+                raise ProtocolError("WHEN_DONE, but this server has no way back (standalone mode)")
+            with self.state.lock:
+                self.state.responder.challenges.redeem(msg.client_nonce, msg.server_nonce)
+        except ProtocolError as exc:
+            self.console.drop(source, discovery.describe(exc))
+            return
+        self.way_back.set_policy(msg.policy, who="client %s" % host)
+        try:
+            self.sock.sendto(messages.build_when_done(self.key, msg.client_nonce, msg.server_nonce, msg.policy,
+                                                      ack=True), (host, port, 0, scope))
+        except OSError as exc:
+            self.console("cannot answer %s: %s" % (source, exc))
+
     # -- main loop
     def handle_datagram(self, data, host, port, scope):
         source = "%s%%%s" % (host, scope)
+        if messages.is_pairing(data):  # a network-booted desktop without a key pairs by code (issue 17)
+            pairing.answer_on(self, data, host, port, scope)
+            return
+        if messages.datagram_type(data) == messages.WHEN_DONE:
+            self.handle_when_done(data, host, port, scope)
+            return
         try:
             reply = self.state.answer(data, host)
         except ProtocolError as exc:

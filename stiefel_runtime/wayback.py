@@ -110,6 +110,16 @@ class DoneWatcher(object):
         self._next_line = None
         self._clean = False  # a clean disconnect since the last attach (its log line may come a poll early)
 
+    def set_policy(self, policy, who="the desktop"):
+        """A WHEN_DONE from the desktop (stiefel_runtime.whendone) changes the policy for this run."""
+        if policy not in POLICIES:
+            raise ValueError(policy)
+        self.log("way back: %s asks: when done, %s (was %s)" % (who, policy, self.policy))
+        self.policy = policy
+        if self.state == "waiting" and policy == STAY:
+            self.state, self.deadline = "idle", None
+            self.log("way back: countdown cancelled: staying in the server ramdisk, serving")
+
     def _what(self):
         return {RETURN: "return to the laptop's OS", POWEROFF: "power the laptop off"}.get(self.policy)
 

@@ -40,6 +40,10 @@ MODULE_UTILS_DEST = PYTHON_DIR + "/ansible_collections/stiefel/system/plugins/mo
 RUNTIME_DEST = PYTHON_DIR + "/" + RUNTIME_PACKAGE
 # Modules every target gets whatever it imports: the package's own files.
 ALWAYS = ("stiefel_runtime/__init__.py", "stiefel_runtime/__main__.py")
+# Tools a target carries beside its agents: the laptop's OS, booted on a desktop, runs
+# ``python3 -m stiefel_runtime.whendone`` (stiefelctl when-done) from what the laptop role installed;
+# the ramdisk carries all the laptop has.
+TOOLS = {"laptop": ("stiefel_runtime/whendone.py",), "ramdisk": ("stiefel_runtime/whendone.py",)}
 
 
 class ManifestError(StiefelError):
@@ -124,7 +128,7 @@ def entries(target, root=None):
         raise ManifestError("unknown target %r (one of %s)" % (target, ", ".join(sorted(TARGETS))))
     root = root or collection_root()
     agents = TARGETS[target]
-    start = list(ALWAYS) + ["%s/%s.py" % (RUNTIME_PACKAGE, name) for name in agents]
+    start = list(ALWAYS) + ["%s/%s.py" % (RUNTIME_PACKAGE, name) for name in agents] + list(TOOLS.get(target, ()))
     for rel in start:
         if not os.path.isfile(os.path.join(root, rel)):
             raise ManifestError("%s is not in the collection at %s" % (rel, root))

@@ -75,7 +75,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(rm.ManifestError, match="stiefel_runtime/__init__.py is not in the collection"):
         rm.entries("laptop", str(tmp_path))
     (tmp_path / "stiefel_runtime").mkdir()
-    for name in ("__init__", "__main__", "autokexec"):
+    for name in ("__init__", "__main__", "autokexec", "whendone"):
         (tmp_path / "stiefel_runtime" / (name + ".py")).write_text("")
     with pytest.raises(rm.ManifestError, match="agent shim .*stiefel-autokexec is missing"):
         rm.entries("laptop", str(tmp_path))
