@@ -41,9 +41,8 @@ RUNTIME_DEST = PYTHON_DIR + "/" + RUNTIME_PACKAGE
 # Modules every target gets whatever it imports: the package's own files.
 ALWAYS = ("stiefel_runtime/__init__.py", "stiefel_runtime/__main__.py")
 # Tools a target carries beside its agents: the laptop's OS, booted on a desktop, runs
-# ``python3 -m stiefel_runtime.whendone`` (stiefelctl when-done) from what the laptop role installed;
-# the ramdisk carries all the laptop has.
-TOOLS = {"laptop": ("stiefel_runtime/whendone.py",), "ramdisk": ("stiefel_runtime/whendone.py",)}
+# ``python3 -m stiefel_runtime.whendone`` (stiefelctl when-done) from what the laptop role installed.
+TOOLS = {"laptop": ("stiefel_runtime/whendone.py",)}
 
 
 class ManifestError(StiefelError):
