@@ -30,9 +30,9 @@ import socket
 import termios
 import time
 
-from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, lockdown, messages, payload
+from stiefel_runtime import discovery, kexec, lockdown, messages, pairing, payload
 from stiefel_runtime.common import (Console, DEFAULT_KEY_PATH, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, run_agent,
                                     stdout_log, strip_stiefel_options)
 from stiefel_runtime.netlink import LinkManager
@@ -428,7 +428,9 @@ def main(argv=None):
     console = Console("stiefel-client", debug=args.debug or options.get("debug") is True)
 
     def start():
-        return ClientAgent(keyfile.read_key(args.key), console, run_dir=args.run_dir, mtu=options.get("mtu"),
+        # a network-booted ramdisk has no key file: pairing by code replaces it (issue 17)
+        key = pairing.client_key(args.key, options, console, mtu=options.get("mtu"))
+        return ClientAgent(key, console, run_dir=args.run_dir, mtu=options.get("mtu"),
                            stop_before_kexec=args.stop_before_kexec, dry_run=args.dry_run, timeout=args.timeout,
                            ask_passphrase=passphrases_from_file(args.passphrase_file)
                            if args.passphrase_file else None).run()

@@ -30,9 +30,11 @@ PAYLOAD_CLIENT_TO_SERVER = "payload c2s"
 PASSPHRASE = "passphrase"
 NBD_PSK = "nbd psk"
 KEY_ID = "key id"
+PAIRING_CODE = "pairing code"
 
 PURPOSES = frozenset(
-    (DISCOVERY, AUTOKEXEC, PAYLOAD_SERVER_TO_CLIENT, PAYLOAD_CLIENT_TO_SERVER, PASSPHRASE, NBD_PSK, KEY_ID)
+    (DISCOVERY, AUTOKEXEC, PAYLOAD_SERVER_TO_CLIENT, PAYLOAD_CLIENT_TO_SERVER, PASSPHRASE, NBD_PSK, KEY_ID,
+     PAIRING_CODE)
 )
 SESSION_PURPOSES = frozenset((PAYLOAD_SERVER_TO_CLIENT, PAYLOAD_CLIENT_TO_SERVER, PASSPHRASE, NBD_PSK))
 
@@ -87,3 +89,37 @@ def session_key(key: bytes, purpose: str, client_nonce: bytes, server_nonce: byt
 def nbd_psk_line(key: bytes, client_nonce: bytes, server_nonce: bytes, username: str = "stiefel") -> str:
     """The session's TLS-PSK in nbdkit/GnuTLS psk-file format (``user:hex``)."""
     return "%s:%s" % (username, session_key(key, NBD_PSK, client_nonce, server_nonce).hex())
+
+
+# Pairing (issue 17): the code a person types on a network-booted desktop. Derived from the key, so
+# reset-key renews it and nothing beside the key file needs keeping secret. 8 decimal digits: with the
+# lockout after 5 wrong codes, online guessing is hopeless; SPAKE2 leaves nothing to test offline.
+PAIRING_CODE_DIGITS = 8
+PAIRING_CONFIRM_C2S = "pairing confirm c2s"
+PAIRING_CONFIRM_S2C = "pairing confirm s2c"
+PAIRING_KEY_WRAP = "pairing key wrap"
+
+
+def pairing_code(key: bytes) -> str:
+    """The laptop's pairing code, ``NNNN-NNNN`` (never logged, never sent)."""
+    value = int.from_bytes(subkey(key, PAIRING_CODE, length=16), "big") % 10 ** PAIRING_CODE_DIGITS
+    digits = "%0*d" % (PAIRING_CODE_DIGITS, value)
+    return "%s-%s" % (digits[:4], digits[4:])
+
+
+def normalize_pairing_code(text) -> bytes:
+    """What SPAKE2 gets as password: the digits a person typed, dashes and spaces dropped."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    digits = "".join(ch for ch in text if ch.isdigit() and ch.isascii())
+    if len(digits) != PAIRING_CODE_DIGITS:
+        raise StiefelError("a pairing code has %d digits" % PAIRING_CODE_DIGITS)
+    return digits.encode("ascii")
+
+
+def pairing_keys(spake_key: bytes, transcript: bytes) -> dict:
+    """Confirmation keys (each direction) and the key-wrapping key of one pairing, bound to its transcript."""
+    digest = hashlib.sha256(transcript).digest()
+    return {purpose: hkdf_sha256(spake_key, HKDF_SALT,
+                                 b"stiefel/v%d/%s\x00" % (PROTOCOL_VERSION, purpose.encode("ascii")) + digest)
+            for purpose in (PAIRING_CONFIRM_C2S, PAIRING_CONFIRM_S2C, PAIRING_KEY_WRAP)}
