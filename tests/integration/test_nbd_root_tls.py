@@ -95,6 +95,11 @@ FLAVOURS = {
     },
 }
 MAC = "52:54:00:5e:1f:01"
+PART_OFFSET = 1048576  # make_disk's partition
+SHUTDOWN_HOOK = "/usr/lib/systemd/system-shutdown/stiefel-nbd"  # where the laptop role installs it
+# what the server's nbdkit (--verbose, as the server agent runs it) logs for each connection the
+# desktop closes cleanly; a dropped one shows nothing (a power cut) or a read error
+CLEAN_DISCONNECT = "client sent NBD_CMD_DISC, closing connection"
 SERVER_LL = "fe80::5:1"
 BOOT_TIMEOUT = 600  # an upper bound: TCG on a loaded CI host took up to 5 min to the login prompt
 TARGET_RE = r"Reached target.*(Multi-User System|Login Prompts)"
@@ -288,8 +293,8 @@ done'
 """
 
 
-def reader_root(path):
-    """A root holding busybox, its libraries and READER_INIT as /sbin/init."""
+def reader_root(path, init_text=READER_INIT):
+    """A root holding busybox, its libraries and `init_text` (READER_INIT) as /sbin/init."""
     for sub in ("bin", "sbin", "proc", "sys", "dev", "run", "mnt", "lib64", "lib/x86_64-linux-gnu"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
     shutil.copy("/bin/busybox", os.path.join(path, "bin/busybox"))
@@ -299,7 +304,7 @@ def reader_root(path):
         shutil.copy(os.path.realpath(lib), os.path.join(path, lib.lstrip("/")))
     init = os.path.join(path, "sbin/init")
     with open(init, "w") as handle:
-        handle.write(READER_INIT)
+        handle.write(init_text)
     os.chmod(init, 0o755)
     return path
 
@@ -385,13 +390,51 @@ def start_vm(lab, files, image, psk_cpio, workdir, tag, root_uuid, port, extra="
     return proc, console
 
 
-def boot(lab, files, image, psk_cpio, workdir, tag, root_uuid, port, until):
-    """Boot until the console matches `until` (then 3 s more), QEMU exits or BOOT_TIMEOUT; return the console."""
+SHUTDOWN_TIMEOUT = 300  # an upper bound; the goal is 60 s under TCG
+SHUTDOWN_LINES = ("stiefel-nbd", "systemd-shutdown", "Unmounting", "remount", "Remount", "read-only",
+                  "reboot: ", "Power down", "Stopping", "Failed", "nbd0", "nbdkit", "socat")
+
+
+def shutdown_cmdline(verb):
+    """Kernel command line that has systemd run `systemctl <verb>` once multi-user.target is reached."""
+    # systemd.run boots into its own kernel-command-line.target (the default.target alias), so
+    # systemd.wants= adds multi-user.target to it; the command itself runs before multi-user.target
+    # is reached, so it only queues a transient service ordered after it; run_success_action=none:
+    # its default is exit, a poweroff at once
+    return ('systemd.run="/usr/bin/systemd-run --no-block --description=STIEFEL-%s -p After=multi-user.target '
+            '/usr/bin/systemctl %s" systemd.run_success_action=none systemd.run_failure_action=none '
+            'systemd.wants=multi-user.target' % (verb.upper(), verb))
+
+
+def wait_shutdown(proc, console, verb):
+    """Seconds from the console's 'Started ... STIEFEL-<VERB>' to QEMU's exit (None: no exit in time)."""
+    seen = wait_console(console, r"Start\w* .*STIEFEL-%s" % verb.upper(), 120, proc=proc)
     started = time.monotonic()
-    proc, console = start_vm(lab, files, image, psk_cpio, workdir, tag, root_uuid, port)
+    try:
+        proc.wait(SHUTDOWN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
+    took = time.monotonic() - started
+    log("%s: %s; QEMU exited %.1f s after it" % (verb, "command seen" if seen is not None else "NO command seen",
+                                                 took))
+    return took if seen is not None else None
+
+
+def boot(lab, files, image, psk_cpio, workdir, tag, root_uuid, port, until, shutdown=None):
+    """Boot until the console matches `until` (then 3 s more), QEMU exits or BOOT_TIMEOUT; return the console.
+
+    With `shutdown` ("poweroff" or "reboot"; QEMU runs with -no-reboot) the OS then does that itself
+    and the console is returned once QEMU has exited; `boot.shutdown_took` holds the seconds.
+    """
+    started = time.monotonic()
+    proc, console = start_vm(lab, files, image, psk_cpio, workdir, tag, root_uuid, port,
+                             extra=shutdown_cmdline(shutdown) if shutdown else "")
+    boot.shutdown_took = None
     try:
         seen = wait_console(console, until, BOOT_TIMEOUT, proc=proc)
-        if seen is not None:
+        if seen is not None and shutdown:
+            boot.shutdown_took = wait_shutdown(proc, console, shutdown)
+        elif seen is not None:
             time.sleep(3)  # what follows the marker: a second attempt would show here
     finally:
         proc.kill()
@@ -400,9 +443,13 @@ def boot(lab, files, image, psk_cpio, workdir, tag, root_uuid, port, until):
     log("boot %s %s (image %r): %s after %.1f s, console %s" % (
         files["flavour"], tag, image, "%r seen %.1f s" % (until, seen) if seen is not None else "no %r" % until,
         time.monotonic() - started, console))
-    for line in text.splitlines():
+    marker = text.find("STIEFEL-%s" % shutdown.upper()) if shutdown else -1
+    for line in text[:marker].splitlines() if marker >= 0 else text.splitlines():
         if "stiefel-nbd" in line or "EXT4-fs (nbd" in line or "@nbdkit" in line or re.search(TARGET_RE, line) \
                 or "FATAL" in line:
+            print("    " + line.strip())
+    for line in text[marker:].splitlines() if marker >= 0 else ():
+        if any(word in line for word in SHUTDOWN_LINES):
             print("    " + line.strip())
     return text
 
@@ -457,16 +504,41 @@ def server_files(tmp_path, psk_line):
     return psk_file, prio, disk, root_uuid
 
 
+# each flavour's good boot ends with one of them
+SHUTDOWN_VERB = {"initramfs-tools": "poweroff", "dracut": "reboot"}
+
+
+def install_shutdown_hook(disk, mnt):
+    """The laptop role's systemd-shutdown hook, installed into the OS root disk where the role puts it.
+
+    Here rather than in build_boot_files: the boot files' cache (a dracut build takes many minutes)
+    stays keyed by the initramfs hook alone. Mounted, so the kernel replays a killed boot's journal.
+    """
+    os.makedirs(mnt, exist_ok=True)
+    run(["mount", "-o", "loop,offset=%d" % PART_OFFSET, disk, mnt])
+    try:
+        run(["install", "-D", "-m", "0755", os.path.join(REPO, "roles", "laptop", "files", "stiefel-nbd-shutdown"),
+             os.path.join(mnt, SHUTDOWN_HOOK.lstrip("/"))])
+    finally:
+        run(["umount", mnt])
+
+
 def test_root_over_tls_psk(boot_files, lab, tmp_path):
-    """One boot: attach over TLS-PSK, root mounted from nbd0p1, AES-GCM at the server, the OS's target."""
+    """One boot: attach over TLS-PSK, root mounted from nbd0p1, AES-GCM at the server, the OS's target.
+
+    The OS then powers off (initramfs-tools) or reboots (dracut) by itself: it must not hang on its
+    NBD root, and the role's shutdown hook disconnects it cleanly at the very end.
+    """
     archive, line = session_psk()
     psk_file, prio, _unused, _unused = server_files(tmp_path, line)
     port = 20000 + os.getpid() % 10000
     server_log = str(tmp_path / "nbdkit.log")
+    install_shutdown_hook(os.path.join(boot_files["dir"], "root.img"), str(tmp_path / "root-mnt"))
     lab.serve(os.path.join(boot_files["dir"], "root.img"), port, psk_file, server_log, prio)
     image = FLAVOURS[boot_files["flavour"]]["boot"]
+    verb = SHUTDOWN_VERB[boot_files["flavour"]]
     text = boot(lab, boot_files, image, archive, str(tmp_path), "good", boot_files["root_uuid"], port,
-                until=TARGET_RE + "|FATAL|Kernel panic")
+                until=TARGET_RE + "|FATAL|Kernel panic", shutdown=verb)
     assert "stiefel-nbd: attached /dev/nbd0" in text, text[-3000:]
     assert "EXT4-fs (nbd0p1): mounted filesystem" in text, text[-3000:]
     assert "TLS proxy pid" in text and ("--log=stderr -P /run/stiefel-nbdkit.pid -U /run/stiefel-nbd.sock --filter=retry "
@@ -475,6 +547,17 @@ def test_root_over_tls_psk(boot_files, lab, tmp_path):
     ciphers = nbd_export.parse_tls_session_cipher(open(server_log).read())
     log("server TLS sessions: %s" % ciphers)
     assert ciphers and set(ciphers) <= nbd_export.AES_GCM_CIPHERS
+    server_text = open(server_log).read()
+    log("%s took %s s from the command to QEMU's exit; the server logged %d clean disconnects (%r)" % (
+        verb, "%.1f" % boot.shutdown_took if boot.shutdown_took is not None else "(no exit)",
+        server_text.count(CLEAN_DISCONNECT), CLEAN_DISCONNECT))
+    for line in server_text.splitlines():
+        if "NBD_CMD_DISC" in line or "error" in line:
+            print("    server: " + line)
+    assert boot.shutdown_took is not None, text[-3000:]
+    assert "stiefel-nbd: /dev/nbd0 flushed and disconnected (%s)" % verb in text, text[-3000:]
+    # one for the attach's TLS probe, then one per kernel connection (nbd-client -C 4)
+    assert server_text.count(CLEAN_DISCONNECT) >= 5, server_text[-3000:]
 
 
 def test_wrong_psk_fails_clearly(boot_files, lab, tmp_path):
@@ -645,6 +728,146 @@ def test_cuts_and_server_restart_ridden_out(itools_files, lab, tmp_path):
                                                for what, st in figures))
         guest = open(console, "rb").read().decode("utf-8", "replace")
         assert "LINKCUT-REMOUNT failed" not in guest
+        # and then the power is cut (SIGKILL) while it writes on: a power-cut run after all that
+        wait_console(console, r"LINKCUT-WRITE ok \d+ ", 60, after=os.path.getsize(console), proc=proc)
+        proc.kill()
+        proc.wait()
+        lab.stop(lab.procs[-1])
+        guest = open(console, "rb").read().decode("utf-8", "replace")
+        acked = max(int(n) for n in re.findall(r"LINKCUT-WRITE ok (\d+) ", guest))
+        fsck, records = fsck_and_read(serve_args[0], tmp_path, "/records")
+        intact, missing = records_intact(records, acked, reader_record_ok, first_block=1)
+        log("power cut after the ride-out: %d acknowledged, %d found intact, missing %s; fsck: %s"
+            % (acked, intact, missing or "none", " / ".join(fsck)))
+        assert not missing, missing
     finally:
         proc.kill()
         proc.wait()
+
+
+# PID 1 of the power-cut test's root: right after the root is mounted it
+# appends 4 KiB records to /log, each numbered and carrying the MD5 of its
+# random payload, with fsync; only once dd (and so its fsync) has returned it
+# prints PERSIST-ACK with the number and the nbd0 flush requests completed so
+# far (field 16 of the block stat). PERSIST-QUEUE says whether the kernel
+# treats nbd0 as a write-back cache (it then sends FLUSH) and uses FUA.
+WRITER_INIT = """#!/bin/busybox sh
+bb=/bin/busybox
+$bb mount -t proc proc /proc 2>/dev/null
+$bb mount -t sysfs sysfs /sys 2>/dev/null
+$bb mount -o remount,rw / || echo "PERSIST-REMOUNT failed"
+echo "PERSIST-QUEUE write_cache=$($bb cat /sys/block/nbd0/queue/write_cache | $bb tr ' ' _)\
+ fua=$($bb cat /sys/block/nbd0/queue/fua)"
+i=0
+while :; do
+    i=$((i + 1))
+    payload=$($bb head -c 1024 /dev/urandom | $bb od -An -vtx1 | $bb tr -d ' \\n')
+    sum=$($bb printf %s "$payload" | $bb md5sum)
+    if $bb printf "REC %08d %s %-4049s\\n" $i "${sum%% *}" "$payload" \\
+            | $bb dd of=/log bs=4096 seek=$((i - 1)) conv=notrunc,fsync 2>/dev/null; then
+        set -- $($bb cat /sys/block/nbd0/stat)
+        echo "PERSIST-ACK $i flushes=${16}"
+    else
+        echo "PERSIST-WRITE failed $i"
+    fi
+done
+"""
+# CI: these 2 and the one that ends the ride-out boot; 10 by hand
+POWER_CUTS = int(os.environ.get("STIEFEL_POWER_CUTS", "2"))
+
+
+def writer_record_ok(number, block):
+    """A WRITER_INIT record: its number, and the MD5 of its payload matching."""
+    fields = block.decode("ascii", "replace").split()
+    return (len(block) == 4096 and len(fields) == 4 and fields[0] == "REC" and fields[1] == "%08d" % number
+            and hashlib.md5(fields[3].encode()).hexdigest() == fields[2])
+
+
+def reader_record_ok(number, block):
+    """A READER_INIT record: its exact bytes."""
+    return block == ("record %08d%4080s\n" % (number, "")).encode()
+
+
+def records_intact(log_bytes, acked, record_ok, first_block=0):
+    """(records found intact, the numbers of acknowledged records missing or corrupt) in a dump.
+
+    Record n is block n - 1 + first_block of 4 KiB.
+    """
+    intact, bad = 0, []
+    for number in range(1, max(acked, len(log_bytes) // 4096 - first_block) + 1):
+        start = (number - 1 + first_block) * 4096
+        good = record_ok(number, log_bytes[start:start + 4096])
+        intact += good
+        if not good and number <= acked:
+            bad.append(number)
+    return intact, bad
+
+
+def fsck_and_read(disk, tmp_path, path="/log"):
+    """Replay the journal (e2fsck -y), check it clean (e2fsck -fn); return (their summaries, /log's bytes).
+
+    On a copy of the partition: e2fsck re-opens the image after a journal replay without the
+    "?offset=" of its name.
+    """
+    image = str(tmp_path / "part.img")
+    run(["dd", "if=" + disk, "of=" + image, "bs=1M", "skip=%d" % (PART_OFFSET // 1048576), "status=none"])
+    replay = subprocess.run(["e2fsck", "-y", image], capture_output=True, text=True, check=False)
+    assert replay.returncode in (0, 1), replay.stdout + replay.stderr  # 1: fixed (the journal replayed)
+    check = subprocess.run(["e2fsck", "-fn", image], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    dump = str(tmp_path / "log.dump")
+    run(["debugfs", "-R", "dump %s %s" % (path, dump), image], capture_output=True)
+    with open(dump, "rb") as handle:
+        return replay.stdout.strip().splitlines()[1:2] + check.stdout.strip().splitlines()[-1:], handle.read()
+
+
+def test_acknowledged_writes_survive_power_cut(itools_files, lab, tmp_path):
+    """QEMU SIGKILLed while its init appends fsynced records to the NBD root: every acknowledged one is there.
+
+    POWER_CUTS runs, each on a fresh disk and killed at a different moment; afterwards, on the host,
+    the file system replays its journal clean and every record acknowledged on the console before the
+    kill is found intact. The guest's kernel treats nbd0 as a write-back cache, so the export (through
+    the local proxy, whose nbd plugin passes on what the server advertises) offers FLUSH, and it sends
+    at least one FLUSH per fsync.
+    """
+    root = reader_root(str(tmp_path / "writer-root"), WRITER_INIT)
+    figures = []
+    for run_no in range(1, POWER_CUTS + 1):
+        archive, line = session_psk()
+        psk_file, prio, _unused, _unused = server_files(tmp_path, line)
+        root_uuid = str(uuidlib.uuid4())
+        disk = str(tmp_path / "writer.img")
+        make_disk(disk, root_uuid, root)
+        port = 20000 + os.getpid() % 10000
+        server = lab.serve(disk, port, psk_file, str(tmp_path / ("nbdkit-%d.log" % run_no)), prio)
+        # kill after 2..14 acknowledgements and 0..0.9 s more: inside a write as often as between two
+        kill_after, delay = 2 + (run_no * 5) % 13, (run_no % 4) * 0.3
+        started = time.monotonic()
+        proc, console = start_vm(lab, itools_files, "boot", archive, str(tmp_path), "power%d" % run_no, root_uuid,
+                                 port)
+        try:
+            seen = wait_console(console, r"PERSIST-ACK %d " % kill_after, BOOT_TIMEOUT, proc=proc)
+            time.sleep(delay)
+        finally:
+            proc.kill()  # SIGKILL: the power cut
+            proc.wait()
+        lab.stop(server)
+        text = open(console, "rb").read().decode("utf-8", "replace")
+        assert seen is not None, text[-3000:]
+        acks = [int(n) for n in re.findall(r"PERSIST-ACK (\d+) ", text)]
+        flushes = re.findall(r"PERSIST-ACK \d+ flushes=(\d+)", text)
+        queue = re.search(r"PERSIST-QUEUE (.*)", text)
+        for bad in ("PERSIST-REMOUNT failed", "PERSIST-WRITE failed", "I/O error", "EXT4-fs error"):
+            assert bad not in text, (bad, text[-3000:])
+        fsck, log_bytes = fsck_and_read(disk, tmp_path)
+        intact, missing = records_intact(log_bytes, max(acks), writer_record_ok)
+        log("power cut %d/%d after %.1f s: %d acknowledged, %d found intact, missing %s; nbd0 %s, %s flushes "
+            "completed; fsck: %s" % (run_no, POWER_CUTS, time.monotonic() - started, max(acks), intact,
+                                     missing or "none", queue.group(1).strip() if queue else "?",
+                                     flushes[-1] if flushes else "?", " / ".join(fsck)))
+        figures.append("%d/%d" % (max(acks), intact))
+        assert queue and "write_cache=write_back" in queue.group(1), text[-3000:]
+        assert int(flushes[-1]) >= max(acks), text[-3000:]  # each fsync sent at least one FLUSH
+        assert not missing, (missing, text[-3000:])
+        lab.procs.remove(server)
+    log("power cuts (acknowledged/found): %s" % ", ".join(figures))
