@@ -38,6 +38,8 @@ PACKAGES = [
     # the NBD hook's TCP relay (the laptop role installs it too, but this root has no package
     # lists for apt to find it with)
     "socat",
+    # pairing (issue 17): the laptop role installs them too, for the same reason they are here
+    "python3-spake2", "dnsmasq-base",
     # for tests/integration/test_systemd_units_qemu.py, which boots this same root to run
     # nbd_serve and the standalone unit under a real systemd: one root tarball serves both
     # (SSH for Ansible, nbdkit and nbdinfo, python3-apt for the role's package task, sudo)

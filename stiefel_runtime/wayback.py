@@ -81,8 +81,8 @@ def policy_from(options, log=quiet_log):
     """``(policy, wait seconds)`` from parsed stiefel.* options; unknown values fall back, said on ``log``."""
     policy = options.get("when_done") or DEFAULT_POLICY
     if policy not in POLICIES:
-        log("stiefel.when_done=%r is not one of %s: using %s" % (str(policy)[:32], ", ".join(POLICIES),
-                                                                  DEFAULT_POLICY))
+        log("stiefel.when_done=%r is not one of %s: using %s" % (
+            str(policy)[:32], ", ".join(POLICIES), DEFAULT_POLICY))
         policy = DEFAULT_POLICY
     wait = options.get("return_wait")
     try:
