@@ -21,7 +21,6 @@ pairs by code, :mod:`stiefel_runtime.pairing`).
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import os
 import shutil

@@ -39,7 +39,6 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
 )
 from stiefel_runtime import discovery, messages
 from stiefel_runtime.common import quiet_log
-from stiefel_runtime.netlink import LinkManager
 
 try:
     from spake2 import SPAKE2_A, SPAKE2_B
@@ -385,6 +384,8 @@ def client_key(path, options, console, mtu=None, stdin=None, stdout=None, port=d
     console's stdin."""
     if not options.get("pair"):
         return keyfile.read_key(path)
+    from stiefel_runtime.netlink import LinkManager  # pylint: disable=import-outside-toplevel  # pyroute2: agents only
+
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     console("no key on this boot medium: pairing with the laptop by its code")
     links = LinkManager(mtu=mtu, log=console)
@@ -395,3 +396,26 @@ def client_key(path, options, console, mtu=None, stdin=None, stdout=None, port=d
     finally:
         sock.close()
         links.close()
+
+
+def main(argv=None):
+    """``python3 -m stiefel_runtime.pairing code [--key PATH]``: print the laptop's pairing code (stiefelctl)."""
+    import argparse  # pylint: disable=import-outside-toplevel
+
+    from stiefel_runtime.common import DEFAULT_KEY_PATH  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(prog="stiefel-pairing", description=main.__doc__)
+    parser.add_argument("what", choices=["code"])
+    parser.add_argument("--key", default=DEFAULT_KEY_PATH)
+    args = parser.parse_args(argv)
+    try:
+        key = keyfile.read_key(args.key)
+    except StiefelError as exc:
+        sys.stderr.write("stiefel-pairing: %s\n" % exc)
+        return 1
+    sys.stdout.write("%s\n" % keyschedule.pairing_code(key))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -48,8 +46,8 @@ def _udhcpc(ns, ifname, script, arch=None, vendor=None):
     if vendor is not None:
         argv += ["-V", vendor]
     done = _ns(ns, *argv)
-    print("[netboot] udhcpc on %s/%s arch=%s: rc %d %s" % (ns, ifname, arch, done.returncode,
-                                                          done.stdout.strip() or "(no lease)"))
+    print("[netboot] udhcpc on %s/%s arch=%s: rc %d %s" % (
+        ns, ifname, arch, done.returncode, done.stdout.strip() or "(no lease)"))
     return done
 
 

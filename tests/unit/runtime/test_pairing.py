@@ -78,7 +78,7 @@ def test_lockout_doubles_and_is_capped(tmp_path):
     wall = Clock()
     lockout = pairing.Lockout(str(tmp_path / "s.json"), clock=wall)
     seen = []
-    for _ in range(60):
+    for _round in range(60):
         locked = lockout.failed()
         if locked:
             seen.append(locked)
@@ -140,7 +140,7 @@ def test_hostile_hello_is_dropped_with_a_reason(tmp_path, mangle):
 def test_random_bytes_and_floods_never_raise_anything_else(tmp_path):
     clock = Clock()
     responder = pairing.PairingResponder(KEY, state_dir=str(tmp_path), clock=clock)
-    for _ in range(500):
+    for _junk in range(500):
         data = secrets.token_bytes(secrets.randbelow(200))
         if secrets.randbelow(2):
             data = b"STFL\x02" + bytes((secrets.randbelow(6) + 15,)) + bytes(8) + data
@@ -150,7 +150,7 @@ def test_random_bytes_and_floods_never_raise_anything_else(tmp_path):
             pass
     hello = pairing.PairingClient(CODE).hello
     answered = 0
-    for _ in range(50):
+    for _hello in range(50):
         try:
             responder.handle(hello, "p")
             answered += 1
@@ -173,3 +173,20 @@ def test_the_lock_can_only_be_lengthened():
     assert pairing.first_lock_seconds({pairing.LOCK_ENV: "600"}) == 600
     for weaker in ("0", "1", "-5", "nan", "junk", "1e9"):
         assert pairing.first_lock_seconds({pairing.LOCK_ENV: weaker}) == pairing.LOCK_FIRST
+
+
+def test_stiefelctl_pairing_code_prints_the_code_of_the_key(tmp_path):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+
+    from ansible_collections.stiefel.system.plugins.module_utils import keyfile  # pylint: disable=import-outside-toplevel
+
+    path = str(tmp_path / "key")
+    keyfile.write_key_atomic(path, KEY)
+    stiefelctl = os.path.join(os.path.dirname(__file__), "..", "..", "..", "bin", "stiefelctl")
+    done = subprocess.run([sys.executable, stiefelctl, "pairing-code", "--key", path], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.strip() == CODE
+    done = subprocess.run([sys.executable, stiefelctl, "pairing-code", "--key", str(tmp_path / "none")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "does not exist" in done.stderr
