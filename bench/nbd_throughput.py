@@ -16,6 +16,12 @@ so the disk is not what is measured) is served side by side by:
   contrast ``nbdkit TLS default``: GnuTLS' own choice (ChaCha20 on Debian 12),
   at 2.5 GbE only.
 
+Beyond 2.5 GbE (issue 18.4), ``nbdkit`` and ``nbdkit TLS`` also run over the
+cable shaped to 10 GbE (1177 MB/s) and over the bare veth (``veth``: no
+shaper, the machine's own ceiling). There the figure to read is the ratio to
+the raw TCP stream of the same run (``ratio_to_raw_tcp``): on 2 shared cores
+raw TCP itself stays below 10 GbE, and on the bare veth it is the ceiling.
+
 nbdcopy in the client namespace reads each export to ``null:`` and writes a
 random file into it (``--flush``), with 1 and 4 connections. A raw TCP
 stream calibrates the shaper. Prints a table, saves JSON to
@@ -44,11 +50,14 @@ sys.path.insert(0, str(REPO / "collections"))
 sys.path.insert(0, str(HERE))
 
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export as ne  # noqa: E402
-from benchenv import cache_dir, sigterm_as_interrupt  # noqa: E402
+from benchenv import cache_dir, loadavg, sigterm_as_interrupt  # noqa: E402
 from netns import NetnsPair, htb_rate_for, payload_ceiling, wait_for  # noqa: E402
 
 MiB = 1 << 20
-RATES = {"1GbE": 1e9, "2.5GbE": 2.5e9}
+UNSHAPED = "veth"  # no shaper: the machine's own ceiling, the raw TCP stream of the same run
+RATES = {"1GbE": 1e9, "2.5GbE": 2.5e9, "10GbE": 10e9, UNSHAPED: None}
+# beyond 2.5 GbE (issue 18.4) only stiefel's own exports, plain and TLS: the comparisons stay at the slower links
+FAST = ("10GbE", UNSHAPED)
 PORTS = {"nbdkit": 10809, "nbd-server": 10810, "nbdkit TLS": 10811, "nbdkit TLS default": 10812}
 TCP_PORT = 5201
 
@@ -127,6 +136,17 @@ def nbdcopy(pair: NetnsPair, direction: str, uri: str, conns: int, src: Path, fl
     return time.monotonic() - start
 
 
+def build_plan(rates: list) -> list:
+    """(link, server, direction, connections) in run order, one link at a time (it is reshaped once per pass)."""
+    plan = []
+    for rate in [r for r in RATES if r in rates]:
+        servers = ("nbdkit", "nbdkit TLS") if rate in FAST else ("nbdkit", "nbd-server")
+        if rate == "2.5GbE":
+            servers += ("nbdkit TLS", "nbdkit TLS default")
+        plan += [(rate, server, d, c) for server in servers for d in ("read", "write") for c in (1, 4)]
+    return plan
+
+
 def summarise(cell: tuple, samples: list, calibration: dict, size: int) -> dict:
     """One table cell over every pass: the median is the figure; best and worst are kept beside it."""
     rate, server, direction, conns = cell
@@ -136,7 +156,9 @@ def summarise(cell: tuple, samples: list, calibration: dict, size: int) -> dict:
     return {"rate": rate, "server": server, "direction": direction, "connections": conns, "repeats": len(rates),
             "seconds": size / median, "Bps": median, "ratio": median / ceiling,
             "best_ratio": rates[-1] / ceiling, "worst_ratio": rates[0] / ceiling,
-            "ratio_to_raw_tcp": median / calibration["raw_tcp_Bps"]}
+            "ratio_to_raw_tcp": median / calibration["raw_tcp_Bps"],
+            "load1": statistics.median(x.get("load1", float("nan")) for x in samples
+                                       if (x["rate"], x["server"], x["direction"], x["connections"]) == cell)}
 
 
 def probe(pair: NetnsPair, uri: str) -> ne.ExportInfo:
@@ -190,8 +212,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
     parser.add_argument("--repeat", type=int, default=1,
                         help="passes over every transfer; the table shows each cell's median (default 1)")
+    parser.add_argument("--rates", default=",".join(RATES),
+                        help="comma list of links (default all: %(default)s; " + UNSHAPED + " = the bare veth)")
     parser.add_argument("--output", default=None, help="JSON path (default $STIEFEL_CACHE_DIR/bench/nbd.json)")
     args = parser.parse_args(argv)
+    args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    unknown = sorted(set(args.rates) - set(RATES))
+    if unknown or not args.rates:
+        parser.error("--rates: unknown link(s) %s; choose from %s" % (", ".join(unknown) or "(none)", ", ".join(RATES)))
     size = (256 if args.quick else args.size_mib) * MiB
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -224,12 +252,7 @@ def main(argv=None) -> int:
             results["flags"][name] = info.to_dict()
             log("  %-19s flush=%s fua=%s multi-conn=%s tls=%s" % (name, info.can_flush, info.can_fua,
                                                                   info.can_multi_conn, info.tls))
-        plan = []
-        for rate in RATES:
-            for server in ("nbdkit", "nbd-server"):
-                plan += [(rate, server, d, c) for d in ("read", "write") for c in (1, 4)]
-        plan += [("2.5GbE", s, d, c) for s in ("nbdkit TLS", "nbdkit TLS default") for d in ("read", "write")
-                 for c in (1, 4)]
+        plan = build_plan(args.rates)
         total = len(plan) * args.repeat
         passes = "%d pass%s" % (args.repeat, "es" if args.repeat > 1 else "")
         log("stage 3/4: %d transfers of %d MiB (%s)" % (total, size // MiB, passes))
@@ -237,27 +260,36 @@ def main(argv=None) -> int:
         for rep in range(1, args.repeat + 1):
             current = None
             for rate, server, direction, conns in plan:
-                ceiling = payload_ceiling(RATES[rate])
                 if rate != current:
                     current = rate
-                    htb = htb_rate_for(ceiling)
-                    burst = pair.shape(htb)
-                    raw = raw_tcp(pair, min(size, 512 * MiB))
+                    if RATES[rate] is None:
+                        htb, burst = None, pair.unshape()
+                    else:
+                        htb = htb_rate_for(payload_ceiling(RATES[rate]))
+                        burst = pair.shape(htb)
+                    raw = raw_tcp(pair, min(size, 512 * MiB) if RATES[rate] else max(size, 1024 * MiB))
                     raws.setdefault(rate, []).append(raw)
+                    # the bare veth has no line rate: its ceiling is the raw TCP stream of this run
+                    ceiling = payload_ceiling(RATES[rate]) if RATES[rate] else statistics.median(raws[rate])
                     results["calibration"][rate] = {"htb_rate_bit": htb, "htb_burst_bytes": burst,
                                                     "ceiling_Bps": ceiling,
                                                     "raw_tcp_Bps": statistics.median(raws[rate]),
                                                     "raw_tcp_ratio": statistics.median(raws[rate]) / ceiling,
                                                     "raw_tcp_runs_Bps": raws[rate]}
-                    log("  %s: htb %.1f Mbit/s burst %d B, ceiling %.1f MB/s, raw TCP %.1f MB/s (%.1f %%)"
-                        % (rate, htb / 1e6, burst, ceiling / 1e6, raw / 1e6, 100 * raw / ceiling))
+                    log("  %s: %s, ceiling %.1f MB/s, raw TCP %.1f MB/s (%.1f %%), load %s"
+                        % (rate, "htb %.1f Mbit/s burst %d B" % (htb / 1e6, burst) if htb else "no shaper",
+                           ceiling / 1e6, raw / 1e6, 100 * raw / ceiling,
+                           "/".join("%.1f" % x for x in loadavg())))
+                ceiling = results["calibration"][rate]["ceiling_Bps"]
+                load1 = loadavg()[0]
                 seconds = nbdcopy(pair, direction, uris[server], conns, src, results["flags"][server]["can_flush"])
                 done += 1
                 samples.append({"rate": rate, "server": server, "direction": direction, "connections": conns,
-                                "pass": rep, "seconds": seconds, "Bps": size / seconds})
-                log("  [%2d/%d %3d%%] %-6s %-19s %-5s C=%d  %7.1f MB/s  %5.1f %% of ceiling"
-                    % (done, total, 100 * done // total, rate, server, direction, conns, size / seconds / 1e6,
-                       100 * size / seconds / ceiling))
+                                "pass": rep, "seconds": seconds, "Bps": size / seconds, "load1": load1})
+                log("  [%2d/%d %3d%%] %-6s %-19s %-5s C=%d  %7.1f MB/s  %5.1f %% of ceiling, %5.1f %% of raw TCP"
+                    ", load %.1f" % (done, total, 100 * done // total, rate, server, direction, conns,
+                                     size / seconds / 1e6, 100 * size / seconds / ceiling,
+                                     100 * size / seconds / statistics.median(raws[rate]), load1))
         results["samples"] = samples
         results["repeat"] = args.repeat
         results["runs"] = [summarise(cell, samples, results["calibration"][cell[0]], size) for cell in plan]
@@ -291,12 +323,14 @@ def print_table(results: dict) -> None:
     print()
     print("NBD throughput, %d MiB, fraction of the TCP payload ceiling (MTU 1500)" % (results["size_bytes"] // MiB))
     for rate, cal in results["calibration"].items():
-        print("  %-6s ceiling %.1f MB/s, htb %.1f Mbit/s burst %s B, raw TCP %.1f %%"
-              % (rate, cal["ceiling_Bps"] / 1e6, cal["htb_rate_bit"] / 1e6, cal.get("htb_burst_bytes", "?"),
-                 100 * cal["raw_tcp_ratio"]))
+        print("  %-6s ceiling %.1f MB/s, %s, raw TCP %.1f MB/s = %.1f %%"
+              % (rate, cal["ceiling_Bps"] / 1e6, "htb %.1f Mbit/s burst %s B" % (
+                  cal["htb_rate_bit"] / 1e6, cal.get("htb_burst_bytes", "?")) if cal.get("htb_rate_bit")
+                 else "no shaper (the ceiling is raw TCP)", cal["raw_tcp_Bps"] / 1e6, 100 * cal["raw_tcp_ratio"]))
     repeat = results.get("repeat", 1)
     for key, title in (("ratio", "median of %d" % repeat if repeat > 1 else ""),
-                       ("best_ratio", "best of %d" % repeat if repeat > 1 else None)):
+                       ("best_ratio", "best of %d" % repeat if repeat > 1 else None),
+                       ("ratio_to_raw_tcp", "median, as a share of the raw TCP stream of the same run")):
         if title is None:
             continue
         print()

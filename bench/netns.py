@@ -113,6 +113,11 @@ class NetnsPair:
                             "rate", "%dbit" % rate_bits, "ceil", "%dbit" % rate_bits] + extra)
         return burst or None
 
+    def unshape(self) -> None:
+        """No shaper on either end: the bare veth, the machine's own ceiling."""
+        for side in ("server", "client"):
+            self.run(side, ["tc", "qdisc", "del", "dev", self.ifname[side], "root"], check=False)
+
     def link_local(self, side: str, timeout: float = 10.0) -> str:
         """The fe80:: address of ``side``'s veth end, once duplicate address detection has let go of it."""
         def settled():

@@ -27,11 +27,15 @@ Paths, each measured for randread and randwrite at QD1 and QD32:
   targets),
 - ``proxy plain``: the proxy without its TLS options, to the plaintext server,
 - ``proxy TLS``: the real path,
-- levers (on unless ``--no-levers``): ``proxy TLS threads=32`` (the proxy's
-  nbdkit ``--threads 32``; its default is 16, below QD32) and, where
-  qemu-nbd is installed, ``qemu-nbd TLS proxy`` (qemu-nbd as the TLS-PSK
-  client on the same Unix socket: one event loop instead of nbdkit's worker
-  threads plus the nbd plugin's reader thread).
+- ``plain direct 4 conns`` and ``proxy TLS 4 conns``: the same two paths with
+  the queue depth spread over 4 connections (fio ``numjobs``), as the
+  laptop's kernel client spreads its requests over ``nbd-client -C 4``,
+- levers (on unless ``--no-levers``): ``proxy TLS no retry`` (the proxy
+  without ``--filter=retry``, which makes nbdkit serialize the requests of
+  each connection) and ``proxy TLS no relay`` (the proxy dials the server
+  itself instead of through the socat relay); with ``--qemu-lever`` and
+  qemu-nbd installed also ``qemu-nbd TLS proxy`` (qemu-nbd as the TLS-PSK
+  client on the same Unix socket; measured far worse on 2026-12-01).
 
 Every pass runs every cell once, in the same order, so load drift hits all
 paths alike; the figure is the median over passes. Targets (issue 18.3):
@@ -83,6 +87,10 @@ TARGET_QD32_IOPS = 0.85      # proxy + TLS keeps this fraction of plain direct I
 TARGET_QD1_LATENCY = 1.3     # proxy + TLS latency at most this multiple of plain direct
 REAL_PATH = "proxy TLS"
 BASELINE = "plain direct"
+# the laptop's nbd-client -C (NBD_CONNECTIONS in stiefel-nbd-attach): the kernel spreads requests over them
+LAPTOP_CONNS = 4
+REAL_PATH_CONNS = "proxy TLS %d conns" % LAPTOP_CONNS
+BASELINE_CONNS = "plain direct %d conns" % LAPTOP_CONNS
 
 RAW_SERVER = r"""
 import socket, sys
@@ -150,38 +158,55 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ the proxy, as the laptop starts it
 
-def attach_proxy_script(text: str) -> str:
+def attach_proxy_script(text: str, relay: bool = True, nodelay: bool = False) -> str:
     """The ``bash -c`` programs with which stiefel-nbd-attach starts its TCP relay and TLS proxy, as one.
 
     Its positional parameters are $0 host, $1 port, $2 export, $3 socket, $4 PSK file, $5 pidfile
     (the relay's pid goes to "$5.relay"). Read from the script itself so the benchmark cannot drift
-    from what the laptop runs.
+    from what the laptop runs. ``relay=False`` (a lever) lets the proxy dial the server itself
+    (``hostname=`` the server's address) instead of going through socat on 127.0.0.1;
+    ``nodelay=True`` (a lever) sets TCP_NODELAY on both of the relay's sockets (socat's ``nodelay``).
     """
-    relay = re.search(r"bash -c '(echo \$\$ > \"\$4\"; exec -a @socat socat [^']*)'", text)
+    found = re.search(r"bash -c '(echo \$\$ > \"\$4\"; exec -a @socat socat [^']*)'", text)
     proxy = re.search(r"bash -c '(exec -a @nbdkit nbdkit [^']*)'", text)
-    if not relay or not proxy:
+    if not found or not proxy:
         raise ValueError("no TCP relay (bash -c '... exec -a @socat socat ...') and daemonized nbdkit proxy "
                          "command (bash -c '... exec -a @nbdkit nbdkit ...') found")
     # the relay's $0 port $1 host $2 port $3 user timeout (ms) $4 pidfile; the proxy's $0 relay port
     # $1 export $2 socket $3 PSK file $4 pidfile $5 retries $6 retry delay $7 debug options.
     # The laptop's server is a scoped IPv6 address, the bench's cable IPv4.
-    relay_program = relay.group(1).replace('"TCP6:[$1]:$2,', '"TCP:$1:$2,')
-    if relay_program == relay.group(1):
+    relay_program = found.group(1).replace('"TCP6:[$1]:$2,', '"TCP:$1:$2,')
+    if relay_program == found.group(1):
         raise ValueError("the TCP relay does not dial TCP6:[$1]:$2")
+    if nodelay and "nodelay" not in relay_program:
+        relay_program = relay_program.replace("reuseaddr,fork", "reuseaddr,fork,nodelay", 1).replace(
+            '"TCP:$1:$2,', '"TCP:$1:$2,nodelay,', 1)
+    if not relay:
+        direct = proxy.group(1).replace("hostname=127.0.0.1 ", 'hostname="$8" ')
+        if direct == proxy.group(1):
+            raise ValueError("the proxy does not dial hostname=127.0.0.1")
+        return 'exec bash -c %s "$1" "$2" "$3" "$4" "$5" 5 2 "" "$0"' % shlex.quote(direct)
     return ('rp=$((20000 + $$ %% 20000)); bash -c %s "$rp" "$0" "$1" 10000 "$5.relay" & sleep 1; '
             'exec bash -c %s "$rp" "$2" "$3" "$4" "$5" 5 2 ""' % (shlex.quote(relay_program),
                                                                   shlex.quote(proxy.group(1))))
 
 
 TLS_OPTIONS = ' tls=require tls-username=stiefel tls-psk="$3"'
+RETRY_FILTER = "--filter=retry "
+RETRY_OPTIONS = ' retries="$5" retry-delay="$6" retry-exponential=no'
 
 
-def proxy_variant(script: str, tls: bool = True, threads: int | None = None) -> str:
-    """The laptop's proxy program, optionally without its TLS options or with another nbdkit --threads."""
+def proxy_variant(script: str, tls: bool = True, threads: int | None = None, retry: bool = True) -> str:
+    """The laptop's proxy program, optionally without its TLS options, without the retry filter
+    (which makes nbdkit serialize each connection's requests) or with another nbdkit --threads."""
     if not tls:
         if TLS_OPTIONS not in script:
             raise ValueError("the proxy command has no %r to remove" % TLS_OPTIONS.strip())
         script = script.replace(TLS_OPTIONS, "")
+    if not retry:
+        if RETRY_FILTER not in script or RETRY_OPTIONS not in script:
+            raise ValueError("the proxy command has no retry filter to remove")
+        script = script.replace(RETRY_FILTER, "").replace(RETRY_OPTIONS, "")
     if threads:
         script = script.replace("exec -a @nbdkit nbdkit ", "exec -a @nbdkit nbdkit --threads %d " % threads, 1)
     return script
@@ -189,11 +214,18 @@ def proxy_variant(script: str, tls: bool = True, threads: int | None = None) -> 
 
 # ------------------------------------------------------------------ fio
 
-def fio_argv(uri: str, op: str, depth: int, seconds: float, size: int) -> list:
-    return ["fio", "--name=%s-qd%d" % (op, depth), "--ioengine=nbd", "--uri=%s" % uri, "--rw=%s" % op,
-            "--bs=%d" % BLOCK, "--iodepth=%d" % depth, "--size=%d" % size, "--time_based",
+def fio_argv(uri: str, op: str, depth: int, seconds: float, size: int, conns: int = 1) -> list:
+    """fio's nbd engine on ``uri``; ``conns`` > 1 spreads the queue depth over that many connections
+    (one fio job each, reported as one), as the laptop's kernel client spreads its requests over the
+    ``nbd-client -C`` connections."""
+    jobs = max(1, min(conns, depth))
+    argv = ["fio", "--name=%s-qd%d" % (op, depth), "--ioengine=nbd", "--uri=%s" % uri, "--rw=%s" % op,
+            "--bs=%d" % BLOCK, "--iodepth=%d" % (depth // jobs), "--size=%d" % size, "--time_based",
             "--runtime=%gs" % seconds, "--ramp_time=1s", "--norandommap", "--randrepeat=0",
             "--output-format=json"]
+    if jobs > 1:
+        argv += ["--numjobs=%d" % jobs, "--group_reporting"]
+    return argv
 
 
 def parse_fio(text: str) -> dict:
@@ -222,11 +254,12 @@ def parse_fio(text: str) -> dict:
     return got
 
 
-def thread_times(pid: int) -> dict:
+def thread_times(pid: int, children: bool = False) -> dict:
     """tid -> (on-CPU ns, run-queue wait ns) of every thread of ``pid`` (/proc/PID/task/*/schedstat).
 
     The wait is time a thread was runnable but had no CPU: on a busy shared machine it is the part
-    of a request's latency that is the machine's load, not the path's cost.
+    of a request's latency that is the machine's load, not the path's cost. ``children`` adds the
+    threads of ``pid``'s child processes (socat's relay forks one per connection).
     """
     times = {}
     try:
@@ -239,6 +272,14 @@ def thread_times(pid: int) -> dict:
             times[tid] = (int(fields[0]), int(fields[1]))
         except (OSError, ValueError, IndexError):
             continue
+        if children:
+            try:
+                kids = Path("/proc/%d/task/%s/children" % (pid, tid)).read_text().split()
+            except OSError:
+                kids = []
+            for kid in kids:
+                if kid.isdigit():
+                    times.update(thread_times(int(kid)))
     return times
 
 
@@ -252,7 +293,7 @@ class ThreadSampler(threading.Thread):
     def __init__(self, pids: dict):
         super().__init__(daemon=True)
         self.pids = pids
-        self.first = {role: thread_times(pid) for role, pid in pids.items()}
+        self.first = {role: thread_times(pid, role == "relay") for role, pid in pids.items()}
         self.last = {role: dict(t) for role, t in self.first.items()}
         self.done = threading.Event()
 
@@ -262,7 +303,7 @@ class ThreadSampler(threading.Thread):
 
     def sample(self) -> None:
         for role, pid in self.pids.items():
-            self.last[role].update(thread_times(pid))
+            self.last[role].update(thread_times(pid, role == "relay"))
 
     def stop(self) -> dict:
         """role -> (CPU ns, wait ns) since the start."""
@@ -279,15 +320,19 @@ class ThreadSampler(threading.Thread):
 # ------------------------------------------------------------------ judging
 
 def judge(cells: dict) -> list:
-    """Target rows: (name, value, target, ok) from median cells keyed (path, op, depth)."""
+    """Target rows: (name, value, target, ok) from median cells keyed (path, op, depth).
+
+    QD32 is judged on one connection (the issue's figure) and, where measured, spread over the
+    laptop's connections on both sides (the real path as the kernel client drives it)."""
     rows = []
     for op in OPS:
-        real, base = cells.get((REAL_PATH, op, 32)), cells.get((BASELINE, op, 32))
-        if real and base and base["iops"] > 0:
-            ratio = real["iops"] / base["iops"]
-            rows.append({"name": "%s QD32 IOPS %s / %s" % (op, REAL_PATH, BASELINE), "op": op, "depth": 32,
-                         "kind": "iops", "ratio": ratio, "target": ">= %.2f" % TARGET_QD32_IOPS,
-                         "met": ratio >= TARGET_QD32_IOPS})
+        for real_path, base_path in ((REAL_PATH, BASELINE), (REAL_PATH_CONNS, BASELINE_CONNS)):
+            real, base = cells.get((real_path, op, 32)), cells.get((base_path, op, 32))
+            if real and base and base["iops"] > 0:
+                ratio = real["iops"] / base["iops"]
+                rows.append({"name": "%s QD32 IOPS %s / %s" % (op, real_path, base_path), "op": op, "depth": 32,
+                             "kind": "iops", "ratio": ratio, "target": ">= %.2f" % TARGET_QD32_IOPS,
+                             "met": ratio >= TARGET_QD32_IOPS})
         real, base = cells.get((REAL_PATH, op, 1)), cells.get((BASELINE, op, 1))
         if real and base and base["lat_mean_us"] > 0:
             ratio = real["lat_mean_us"] / base["lat_mean_us"]
@@ -308,7 +353,8 @@ def median_cells(samples: list) -> dict:
         cells[key] = {"iops": statistics.median(iops), "best_iops": iops[-1], "worst_iops": iops[0],
                       "lat_mean_us": statistics.median(r["lat_mean_us"] for r in runs), "runs": len(runs)}
         for extra in ("lat_p99_us", "fio_cpu_us_per_io", "server_cpu_us_per_io", "server_wait_us_per_io",
-                      "proxy_cpu_us_per_io", "proxy_wait_us_per_io"):
+                      "proxy_cpu_us_per_io", "proxy_wait_us_per_io", "relay_cpu_us_per_io", "relay_wait_us_per_io",
+                      "load1"):
             if all(extra in r for r in runs):
                 cells[key][extra] = statistics.median(r[extra] for r in runs)
     return cells
@@ -323,10 +369,12 @@ class Rig:
         self.work, self.pair = work, pair
         self.proxy_pids: list = []
         self.uris: dict = {}
+        self.conns: dict = {}  # path -> connections fio opens (1 unless named "... N conns")
         self.pids: dict = {}  # path -> {"server": pid, "proxy": pid}: whose CPU time a cell costs
         self.psk = work / "nbd.psk"
+        self.proxy_roles: dict = {}  # the last proxy started: role -> pid
 
-    def start(self, levers: bool) -> None:
+    def start(self, levers: bool, qemu_lever: bool = False, only: list | None = None) -> None:
         pair, work = self.pair, self.work
         export = work / "export.img"
         block = secrets.token_bytes(16 * MiB)  # incompressible, non-zero: reads move real data
@@ -352,18 +400,31 @@ class Rig:
             raise RuntimeError("raw TCP echo server did not start")
         self.probe(self.uris["plain direct"])
         self.probe(ne.export_uri(tls, for_client=True))
-        script = attach_proxy_script(ATTACH_SCRIPT.read_text())
+        text = ATTACH_SCRIPT.read_text()
+        script = attach_proxy_script(text)
         proxies = [("proxy plain", proxy_variant(script, tls=False), PORT_PLAIN),
                    (REAL_PATH, script, PORT_TLS)]
         if levers:
-            proxies.append(("proxy TLS threads=32", proxy_variant(script, threads=32), PORT_TLS))
+            # what the measurement points at: the retry filter (it makes nbdkit serialize the
+            # requests of each connection) and the socat hop
+            nodelay = attach_proxy_script(text, nodelay=True)
+            proxies += [("proxy TLS no retry", proxy_variant(script, retry=False), PORT_TLS),
+                        ("proxy TLS no relay", attach_proxy_script(text, relay=False), PORT_TLS)]
+            if nodelay != script:  # the laptop's relay does not set TCP_NODELAY yet
+                proxies += [("proxy TLS nodelay", nodelay, PORT_TLS),
+                            ("proxy TLS nodelay no retry", proxy_variant(nodelay, retry=False), PORT_TLS)]
         for name, program, port in proxies:
             self.uris[name] = self.start_proxy(name, program, port)
-            self.pids[name] = {"server": servers["plain" if port == PORT_PLAIN else "tls"],
-                               "proxy": self.proxy_pids[-1][0]}
-        if levers and shutil.which("qemu-nbd"):
+            self.pids[name] = dict(self.proxy_roles, server=servers["plain" if port == PORT_PLAIN else "tls"])
+        if levers and qemu_lever and shutil.which("qemu-nbd"):
             self.uris["qemu-nbd TLS proxy"] = self.start_qemu_proxy(PORT_TLS)
             self.pids["qemu-nbd TLS proxy"] = {"server": servers["tls"], "proxy": self.proxy_pids[-1][0]}
+        # the same two paths as the laptop drives them: the queue spread over its connections
+        for name, base in ((BASELINE_CONNS, BASELINE), (REAL_PATH_CONNS, REAL_PATH)):
+            self.uris[name], self.pids[name], self.conns[name] = self.uris[base], self.pids[base], LAPTOP_CONNS
+        if only:
+            for name in [n for n in self.uris if n not in only and n != BASELINE]:
+                del self.uris[name]
 
     def probe(self, uri: str) -> None:
         def attempt():
@@ -381,11 +442,14 @@ class Rig:
                                  stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, capture_output=False,
                                  check=False, timeout=30)
         pid = wait_for(lambda: ne.read_pidfile(str(pidfile)), timeout=10)
+        self.proxy_roles = {}
         if pid:
             self.proxy_pids.append((pid, "@nbdkit"))
+            self.proxy_roles["proxy"] = pid
         relay = ne.read_pidfile(str(pidfile) + ".relay")
         if relay:
             self.proxy_pids.append((relay, "@socat"))
+            self.proxy_roles["relay"] = relay
         if proc.returncode != 0 or not pid or not wait_for(sock.exists, timeout=20):
             raise RuntimeError("proxy %s did not start: %s" % (
                 name, (self.work / ("%s.log" % tag)).read_text(errors="replace")[-500:]))
@@ -436,7 +500,8 @@ def measure(rig: Rig, path: str, op: str, depth: int, seconds: float) -> dict:
     sampler = ThreadSampler(rig.pids.get(path, {}))
     sampler.start()
     try:
-        proc = rig.pair.run("client", fio_argv(rig.uris[path], op, depth, seconds, EXPORT_BYTES), check=False,
+        proc = rig.pair.run("client", fio_argv(rig.uris[path], op, depth, seconds, EXPORT_BYTES,
+                                               rig.conns.get(path, 1)), check=False,
                             text=True, timeout=seconds + 60)
     finally:
         used = sampler.stop()
@@ -455,9 +520,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one pass of 3 s per cell")
     parser.add_argument("--repeat", type=int, default=3, help="passes (default 3; --quick: 1)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell after 1 s ramp (default 4)")
-    parser.add_argument("--no-levers", dest="levers", action="store_false", help="only the four paths")
+    parser.add_argument("--no-levers", dest="levers", action="store_false", help="no lever paths")
+    parser.add_argument("--qemu-lever", action="store_true", help="also qemu-nbd as the TLS proxy")
+    parser.add_argument("--paths", default=None,
+                        help="comma list: measure only these paths (raw TCP and plain direct always)")
     parser.add_argument("--output", default=None, help="JSON (default $STIEFEL_CACHE_DIR/bench/randio.json)")
     args = parser.parse_args(argv)
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else None
     repeat, seconds = (1, 3.0) if args.quick else (args.repeat, args.seconds)
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -486,7 +555,7 @@ def main(argv=None) -> int:
         ceiling = payload_ceiling(RATE_BITS)
         results["htb_rate_bit"] = htb_rate_for(ceiling)
         results["htb_burst_bytes"] = pair.shape(results["htb_rate_bit"])
-        rig.start(args.levers)
+        rig.start(args.levers, args.qemu_lever, args.paths)
         paths = ["raw TCP"] + list(rig.uris)
         results["paths"] = paths
         plan = [(p, op, d) for op in OPS for d in DEPTHS for p in paths]
@@ -502,9 +571,9 @@ def main(argv=None) -> int:
                     sample["error"] = str(exc)
                 done += 1
                 results["samples"].append(sample)
-                log("  [%2d/%d] %-21s %-9s QD%-2d %s" % (done, total, path, op, depth, (
+                log("  [%2d/%d] %-26s %-9s QD%-2d %s, load %.1f" % (done, total, path, op, depth, (
                     "error: %s" % sample["error"][-120:]) if "error" in sample else "%8.0f IOPS  %7.1f us mean" % (
-                        sample["iops"], sample["lat_mean_us"])))
+                        sample["iops"], sample["lat_mean_us"]), sample["load1"]))
     except KeyboardInterrupt:
         if os.getpid() != main_pid:
             os._exit(1)
@@ -553,19 +622,21 @@ def print_table(results: dict) -> None:
                 cell = cells.get((path, op, depth))
                 line += "%22s" % ("%.0f IOPS %.0f us" % (cell["iops"], cell["lat_mean_us"]) if cell else "-")
         print(line)
-    print("CPU per I/O (us, medians; fio = the client, proxy = the laptop's TLS proxy, server = nbdkit) and "
+    print("CPU per I/O (us, medians; fio = the client, proxy = the laptop's TLS proxy (nbdkit), relay = its socat, "
+          "server = nbdkit) and "
           "run-queue wait per I/O (us a runnable thread had no CPU: the machine's load, not the path)")
     for path in results.get("paths", []):
         for op in OPS:
             parts = []
             for depth in DEPTHS:
                 cell = cells.get((path, op, depth)) or {}
-                costs = " ".join("%s %.1f" % (role, cell["%s_cpu_us_per_io" % role]) for role in ("fio", "proxy", "server")
-                                 if "%s_cpu_us_per_io" % role in cell)
-                waits = " ".join("%s %.1f" % (role, cell["%s_wait_us_per_io" % role]) for role in ("proxy", "server")
-                                 if "%s_wait_us_per_io" % role in cell)
+                costs = " ".join("%s %.1f" % (role, cell["%s_cpu_us_per_io" % role])
+                                 for role in ("fio", "proxy", "relay", "server") if "%s_cpu_us_per_io" % role in cell)
+                waits = " ".join("%s %.1f" % (role, cell["%s_wait_us_per_io" % role])
+                                 for role in ("proxy", "relay", "server") if "%s_wait_us_per_io" % role in cell)
                 if costs:
-                    parts.append("QD%d cpu %s%s" % (depth, costs, ", wait " + waits if waits else ""))
+                    parts.append("QD%d cpu %s%s, load %.1f" % (
+                        depth, costs, ", wait " + waits if waits else "", cell.get("load1", float("nan"))))
             if parts:
                 print("  %-21s %-9s %s" % (path, op, "; ".join(parts)))
     for row in results["targets"]:

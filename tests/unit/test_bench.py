@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -161,3 +162,122 @@ def test_random_io_chart_is_drawn_from_the_summary(run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run.render_randio_chart({"date": "x", "cores": 2, "benchmarks": {}}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.fixture(name="nbd")
+def fixture_nbd():
+    return load("nbd_throughput")
+
+
+def test_proxy_levers_change_only_what_they_name(randio):
+    text = randio.ATTACH_SCRIPT.read_text()
+    real = randio.attach_proxy_script(text)
+    direct = randio.attach_proxy_script(text, relay=False)
+    assert "socat" not in direct and 'hostname="$8"' in direct and randio.TLS_OPTIONS in direct
+    assert "--filter=retry" in direct and direct.endswith('5 2 "" "$0"')
+    nodelay = randio.attach_proxy_script(text, nodelay=True)
+    assert nodelay.count("nodelay") == 2 and nodelay.replace("fork,nodelay", "fork").replace(
+        "$2,nodelay,", "$2,") == real
+    bare = randio.proxy_variant(real, retry=False)
+    assert "retry" not in bare and randio.TLS_OPTIONS in bare and "hostname=127.0.0.1" in bare
+    with pytest.raises(ValueError):
+        randio.proxy_variant(bare, retry=False)
+    with pytest.raises(ValueError):
+        randio.attach_proxy_script(text.replace("hostname=127.0.0.1 ", "hostname=::1 "), relay=False)
+
+
+@pytest.mark.parametrize("depth, conns, iodepth, jobs", [(32, 4, 8, 4), (1, 4, 1, 1), (32, 1, 32, 1)])
+def test_fio_spreads_the_queue_over_the_laptops_connections(randio, depth, conns, iodepth, jobs):
+    argv = randio.fio_argv("nbd://x/", "randread", depth, 3, 1 << 20, conns)
+    assert "--iodepth=%d" % iodepth in argv
+    assert ("--numjobs=%d" % jobs in argv and "--group_reporting" in argv) == (jobs > 1)
+
+
+def test_judge_also_judges_the_spread_pair(randio):
+    cells = {(randio.BASELINE_CONNS, "randread", 32): {"iops": 20000, "lat_mean_us": 1600},
+             (randio.REAL_PATH_CONNS, "randread", 32): {"iops": 10000, "lat_mean_us": 3200}}
+    rows = randio.judge(cells)
+    assert [(r["name"], r["met"]) for r in rows] == [
+        ("randread QD32 IOPS proxy TLS 4 conns / plain direct 4 conns", False)]
+    assert rows[0]["ratio"] == pytest.approx(0.5)
+
+
+def test_thread_times_follows_the_relays_children(randio):
+    child = subprocess.Popen(["sleep", "30"])  # pylint: disable=consider-using-with
+    try:
+        assert wait_until(lambda: str(child.pid) in randio.thread_times(os.getpid(), children=True))
+        assert str(child.pid) not in randio.thread_times(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def wait_until(predicate, seconds=5.0):
+    end = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_nbd_plan_beyond_2_5_gbe_runs_only_stiefels_exports(nbd):
+    plan = nbd.build_plan(["10GbE", nbd.UNSHAPED])
+    assert {p[1] for p in plan} == {"nbdkit", "nbdkit TLS"} and len(plan) == 16
+    assert [p[0] for p in plan] == ["10GbE"] * 8 + [nbd.UNSHAPED] * 8  # one link at a time
+    full = nbd.build_plan(list(nbd.RATES))
+    assert {p[1] for p in full if p[0] == "2.5GbE"} == {"nbdkit", "nbd-server", "nbdkit TLS", "nbdkit TLS default"}
+    with pytest.raises(SystemExit) as exc:
+        nbd.main(["--rates", "40GbE"])
+    assert exc.value.code == 2
+
+
+def test_run_table_judges_fast_links_against_raw_tcp_not_a_line_rate(run):
+    data = {"calibration": {"veth": {"raw_tcp_Bps": 2.0e9, "raw_tcp_ratio": 1.0, "htb_rate_bit": None}},
+            "runs": [{"rate": "10GbE", "server": "nbdkit TLS", "direction": "read", "connections": 4,
+                      "ratio": 0.40, "ratio_to_raw_tcp": 0.80, "load1": 3.2},
+                     {"rate": "veth", "server": "nbdkit", "direction": "write", "connections": 1,
+                      "ratio": 0.5, "ratio_to_raw_tcp": 0.5}]}
+    rows = run.nbd_rows(data)
+    assert rows[0][1:3] == ("veth raw TCP, no shaper (the machine's ceiling)", "2000 MB/s")
+    assert rows[1][2:4] == ("80.00 %", "") and rows[1][5] is None
+    assert "40.00 % of the line's ceiling" in rows[1][4] and "load 3.2" in rows[1][4]
+    assert rows[2][2] == "50.00 %" and "line" not in rows[2][4]
+
+
+def test_payload_at_10_gbe_is_reported_not_judged(run):
+    data = {"rate_mbit": 10000, "rows": [
+        {"size_mb": 200, "path": "iter/receive_payload", "ratio": 0.3, "MBps": 353.0, "rss_peak_kb": 20480},
+        {"size_mb": 200, "path": "receiver part: SHA-256", "ratio": 1.2, "MBps": 1400.0}]}
+    rows = run.payload_rows(data, "payload10")
+    assert rows[0][:4] == ("payload10", "10 GbE 200 MB iter/receive_payload", "30.00 %", "") and rows[0][5] is None
+    assert rows[1][1] == "10 GbE 200 MB receiver part: SHA-256"
+    assert rows[2][1] == "10 GbE 200 MB receiver peak RSS"
+    two = run.payload_rows({"rows": [{"size_mb": 50, "path": "iter/receive_payload", "ratio": 0.95, "MBps": 280.0}]})
+    assert two[0][3] == ">= 90 %" and two[0][5] is True
+
+
+def test_receive_parts_time_the_receivers_pieces_on_a_real_stream(tmp_path):
+    pay = load("payload")
+    from stiefel_runtime import messages, payload  # pylint: disable=import-outside-toplevel
+    kernel, initrd = tmp_path / "kernel", tmp_path / "initrd"
+    kernel.write_bytes(os.urandom(300000))
+    initrd.write_bytes(os.urandom(700000))
+    key, cn, sn = os.urandom(32), messages.new_nonce(), messages.new_nonce()
+    manifest = payload.build_manifest(str(kernel), str(initrd), "ro")
+    stream = tmp_path / "stream"
+    with open(stream, "wb") as out:
+        for record in payload.iter_payload(key, cn, sn, manifest, {"kernel": str(kernel), "initrd": str(initrd)}):
+            out.write(record)
+    (tmp_path / "out").mkdir()
+    parts = pay.receive_parts(str(stream), key, cn, str(tmp_path / "out"))
+    assert parts["plaintext_bytes"] > 1000000  # the manifest, then both files
+    assert set(parts) == {"read + AES-GCM open", "SHA-256", "write (tmpfs)", "plaintext_bytes"}
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_random_io_chart_compares_spread_paths_with_the_spread_baseline(run):
+    paths = ["raw TCP", "plain direct", "proxy TLS", "plain direct 4 conns", "proxy TLS 4 conns"]
+    assert run.randio_base("proxy TLS 4 conns", paths) == "plain direct 4 conns"
+    assert run.randio_base("proxy TLS", paths) == "plain direct"
+    assert run.randio_base("proxy TLS 8 conns", paths) == "plain direct"  # no such baseline measured
