@@ -13,8 +13,8 @@ client architecture, option 93). It serves no DNS (``--port=0``) and reads no
 configuration file (``--conf-file=/dev/null``): the argv is the whole config.
 
 TFTP serves only the first loader: shim, the Debian-signed network GRUB (named
-``grubx64.efi``, which shim loads from beside itself) and the one ``grub/grub.cfg``
-that sends GRUB to HTTP for the kernel and initrd. Nothing in the TFTP root is
+``grubx64.efi``, which shim loads from beside itself), GRUB's http module and the
+one ``grub/grub.cfg`` that sends GRUB to HTTP for the kernel and initrd. Nothing in the TFTP root is
 secret: the client ramdisk is served without any key (a network-booted desktop
 pairs by code, :mod:`stiefel_runtime.pairing`).
 """
@@ -44,11 +44,17 @@ HTTP_PORT = 61572
 
 SHIM = "/usr/lib/shim/shimx64.efi.signed"
 GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
+# Debian's signed network GRUB has tftp built in but not http (it asks TFTP for
+# $prefix/x86_64-efi/http.mod, seen under OVMF): the module from grub-efi-amd64-bin
+# is part of the loader we serve. Under Secure Boot shim's verifier refuses an
+# unsigned module, so there the HTTP step fails (see docs/protocol.md, Pairing).
+GRUB_HTTP_MOD = "/usr/lib/grub/x86_64-efi/http.mod"
 # What shim and GRUB look for, relative to the TFTP root.
 SHIM_NAME = "shimx64.efi"
 GRUB_NAME = "grubx64.efi"
 GRUB_CFG_NAME = "grub/grub.cfg"
-TFTP_FILES = (SHIM_NAME, GRUB_NAME, GRUB_CFG_NAME)
+GRUB_HTTP_NAME = "grub/x86_64-efi/http.mod"
+TFTP_FILES = (SHIM_NAME, GRUB_NAME, GRUB_CFG_NAME, GRUB_HTTP_NAME)
 
 # RFC 4578 / IANA processor architecture types: 7 and 9 are x86-64 UEFI PXE, 16 x86-64 UEFI HTTP.
 ARCH_EFI_PXE = (7, 9)
@@ -86,12 +92,13 @@ def http_grub_cfg(cmdline, port=HTTP_PORT):
             "}\n" % (SERVER_ADDRESS, port, cmdline, SERVER_ADDRESS, port))
 
 
-def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT):
+def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT, http_mod=GRUB_HTTP_MOD):
     """Fill ``root`` with the first loader and nothing else (files not in TFTP_FILES are removed)."""
-    for path in (shim, grub):
+    for path in (shim, grub, http_mod):
         if not os.path.isfile(path):
-            raise NetbootError("%s is missing (Debian packages shim-signed and grub-efi-amd64-signed)" % path)
-    os.makedirs(os.path.join(root, "grub"), mode=0o755, exist_ok=True)
+            raise NetbootError("%s is missing (Debian packages shim-signed, grub-efi-amd64-signed and "
+                               "grub-efi-amd64-bin)" % path)
+    os.makedirs(os.path.join(root, os.path.dirname(GRUB_HTTP_NAME)), mode=0o755, exist_ok=True)
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
@@ -99,6 +106,7 @@ def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT):
                 os.unlink(os.path.join(dirpath, name))
     shutil.copyfile(shim, os.path.join(root, SHIM_NAME))
     shutil.copyfile(grub, os.path.join(root, GRUB_NAME))
+    shutil.copyfile(http_mod, os.path.join(root, GRUB_HTTP_NAME))
     nbd_export.atomic_write(os.path.join(root, GRUB_CFG_NAME), grub_cfg(port), 0o644)
     return root
 

@@ -11,7 +11,9 @@ and vendor class a firmware sends) and busybox ``tftp``; HTTP with the standard 
   plain (non-boot) DHCP client on the stiefel link;
 * TFTP serves shim, GRUB and GRUB's redirect config (byte for byte) and refuses anything else (kernel,
   initrd, a path out of the root); TFTP on the other interface's address gets no answer;
-* HTTP serves the kernel, initrd and GRUB config from a fixed route table and 404s anything else.
+* HTTP serves the kernel, initrd and GRUB config from a fixed route table and 404s anything else;
+* (second test, issue 17 item 3's first step) a diskless OVMF VM PXE-boots shim and GRUB from it, and GRUB
+  fetches its config and the kernel over HTTP.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def test_netboot_is_confined_to_the_stiefel_port(link, tmp_path):
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(os.urandom(500_000))
     run_dir = tmp_path / "run"
-    log = open(tmp_path / "netboot.log", "w+")  # pylint: disable=consider-using-with
+    log = open(tmp_path / "netboot.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
     agent = subprocess.Popen(["ip", "netns", "exec", link["srv"], PYTHON, "-m", "stiefel_runtime.netboot", "stf0",
                               str(run_dir), "--kernel", str(kernel), "--initrd", str(initrd)],
                              env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -162,3 +164,60 @@ def test_netboot_is_confined_to_the_stiefel_port(link, tmp_path):
         print(text[-6000:])
     assert "DHCPDISCOVER(stf0)" in text and "DHCPDISCOVER(lan0)" not in text
     assert "dropped input from http" in text or "404" in text
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/OVMF/OVMF_CODE_4M.fd"), reason="needs OVMF (Debian package ovmf)")
+def test_ovmf_pxe_boots_shim_and_grub_from_the_confined_dnsmasq(tmp_path):
+    """Issue 17, item 3 (first step): a diskless OVMF VM on a tap in the server's namespace PXE-boots shim
+    and signed GRUB over TFTP, and GRUB fetches its config and the kernel over HTTP (Secure Boot off: see
+    netboot.GRUB_HTTP_MOD). Stand-in kernel bytes: the point is the path, not the kernel."""
+    ns = "nbq-%x" % (os.getpid() & 0xffff)
+    run("ip", "netns", "add", ns)
+    agent = qemu = None
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "-n", ns, "tuntap", "add", "dev", "stftap0", "mode", "tap")
+        run("ip", "-n", ns, "link", "set", "stftap0", "up")
+        (tmp_path / "vmlinuz").write_bytes(os.urandom(200_000))
+        (tmp_path / "initrd.img").write_bytes(os.urandom(200_000))
+        log = tmp_path / "netboot.log"
+        log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115  pylint: disable=consider-using-with
+        agent = subprocess.Popen(  # pylint: disable=consider-using-with
+            ["ip", "netns", "exec", ns, PYTHON, "-m", "stiefel_runtime.netboot", "stftap0", str(tmp_path / "run"),
+             "--kernel", str(tmp_path / "vmlinuz"), "--initrd", str(tmp_path / "initrd.img")],
+            env=ENV, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "stiefel-netboot: ready" not in log.read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        variables = tmp_path / "vars.fd"
+        with open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb") as handle:
+            variables.write_bytes(handle.read())
+        serial = tmp_path / "serial.log"
+        started = time.monotonic()
+        qemu = subprocess.Popen(  # pylint: disable=consider-using-with
+            ["ip", "netns", "exec", ns, "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512",
+             "-display", "none", "-monitor", "none", "-no-reboot",
+             "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+             "-drive", "if=pflash,format=raw,unit=1,file=%s" % variables,
+             "-netdev", "tap,id=n0,ifname=stftap0,script=no,downscript=no",
+             "-device", "virtio-net-pci,netdev=n0,romfile=", "-boot", "n", "-serial", "file:%s" % serial],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while "netboot: sent /netboot/vmlinuz" not in log.read_text():
+            assert qemu.poll() is None and time.monotonic() < deadline, serial.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        print("[netboot] OVMF: DHCP to kernel over HTTP in %.1f s" % (time.monotonic() - started))
+        console = serial.read_text(errors="replace")
+        assert "NBP filename is shimx64.efi" in console and "Fetching Netboot Image grubx64.efi" in console
+        text = log.read_text()
+        assert "sent %s" % os.path.join(str(tmp_path / "run"), "netboot", "tftp", "grub", "grub.cfg") in text
+        assert "netboot: sent /netboot/grub.cfg" in text
+    finally:
+        for proc in (qemu, agent):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        if agent is not None:
+            log_file.close()

@@ -40,18 +40,20 @@ def test_tftp_root_holds_only_the_first_loader(tmp_path):
     grub = tmp_path / "grub"
     shim.write_bytes(b"shim")
     grub.write_bytes(b"grub")
+    http_mod = tmp_path / "http.mod"
+    http_mod.write_bytes(b"mod")
     root = tmp_path / "tftp"
     (root / "old").mkdir(parents=True)
     (root / "old" / "initrd.img").write_bytes(b"stale")
     (root / "key").write_bytes(b"secret")
-    netboot.prepare_tftp_root(str(root), shim=str(shim), grub=str(grub))
+    netboot.prepare_tftp_root(str(root), shim=str(shim), grub=str(grub), http_mod=str(http_mod))
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _s, fs in os.walk(root) for f in fs)
     assert files == sorted(netboot.TFTP_FILES)
     assert "configfile (http,169.254.157.1:61572)/netboot/grub.cfg" in (root / "grub" / "grub.cfg").read_text()
 
 
 def test_tftp_root_needs_the_signed_loaders(tmp_path):
-    with pytest.raises(netboot.NetbootError, match="shim-signed"):
+    with pytest.raises(netboot.NetbootError, match="grub-efi-amd64-bin"):
         netboot.prepare_tftp_root(str(tmp_path), shim=str(tmp_path / "none"), grub=str(tmp_path / "none"))
 
 
