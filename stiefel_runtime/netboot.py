@@ -47,7 +47,7 @@ GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
 # Debian's signed network GRUB has tftp built in but not http (it asks TFTP for
 # $prefix/x86_64-efi/http.mod, seen under OVMF): the module from grub-efi-amd64-bin
 # is part of the loader we serve. Under Secure Boot shim's verifier refuses an
-# unsigned module, so there the HTTP step fails (see docs/protocol.md, Pairing).
+# unsigned module, so there the HTTP step fails (open: a signed GRUB with http, or TFTP).
 GRUB_HTTP_MOD = "/usr/lib/grub/x86_64-efi/http.mod"
 # What shim and GRUB look for, relative to the TFTP root.
 SHIM_NAME = "shimx64.efi"

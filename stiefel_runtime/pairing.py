@@ -58,6 +58,7 @@ HELLO_BURST = 10
 HELLO_PER_SECOND = 5.0
 STATE_FILE = "pairing.json"
 HELLO_INTERVAL = 1.0
+LOCKED_LOG_INTERVAL = 10.0
 
 
 LOCK_ENV = "STIEFEL_PAIRING_LOCK"
@@ -152,6 +153,7 @@ class PairingResponder(object):
         self._hellos = _Bucket(HELLO_BURST, HELLO_PER_SECOND, clock)
         self._pending = collections.OrderedDict()  # server nonce -> (client nonce, transcript, keys, peer, time)
         self.paired = 0
+        self._next_locked_log = 0.0
 
     def _expire(self):
         now = self._clock()
@@ -168,13 +170,17 @@ class PairingResponder(object):
         return self._proof(msg, peer)
 
     def _hello(self, msg, data, peer):
-        locked = self.lockout.remaining()
-        if locked:
-            self.log("pairing from %s refused: locked for %d s more after %d wrong codes" % (
-                peer or "?", locked, self.lockout.failures))
-            return messages.build_pair_refused(msg.client_nonce, None, messages.REFUSED_LOCKED, locked)
+        # the bucket first: a flood while locked is dropped (summarised), not answered and logged one by one
         if not self._hellos.take():
             raise ReplayedMessage("PAIR_HELLO flood: over %d a second" % HELLO_PER_SECOND)
+        locked = self.lockout.remaining()
+        if locked:
+            now = self._clock()
+            if now >= self._next_locked_log:
+                self.log("pairing from %s refused: locked for %d s more after %d wrong codes" % (
+                    peer or "?", locked, self.lockout.failures))
+                self._next_locked_log = now + LOCKED_LOG_INTERVAL
+            return messages.build_pair_refused(msg.client_nonce, None, messages.REFUSED_LOCKED, locked)
         server_nonce = messages.new_nonce()
         laptop = SPAKE2_B(self._code, idA=messages.PAIR_DESKTOP_ID, idB=messages.PAIR_LAPTOP_ID)
         challenge = messages.build_pair_challenge(msg.client_nonce, server_nonce, laptop.start())

@@ -190,3 +190,25 @@ def test_stiefelctl_pairing_code_prints_the_code_of_the_key(tmp_path):
     done = subprocess.run([sys.executable, stiefelctl, "pairing-code", "--key", str(tmp_path / "none")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 1 and "does not exist" in done.stderr
+
+
+def test_a_flood_while_locked_is_not_logged_line_by_line(tmp_path):
+    wall = Clock()
+    clock = Clock()
+    lines = []
+    responder = pairing.PairingResponder(KEY, state_dir=str(tmp_path), log=lines.append, clock=clock,
+                                         wall_clock=wall)
+    for attempt in range(5):
+        client, _refused = _exchange(responder, "0000-000%d" % attempt)
+        clock.now += 1
+    before = len(lines)
+    refused = 0
+    for _tick in range(40):
+        clock.now += 0.05  # 20 a second, over the bucket
+        try:
+            responder.handle(pairing.PairingClient(CODE).hello, "p")
+            refused += 1
+        except ProtocolError:
+            pass
+    assert 0 < refused < 40
+    assert len(lines) - before <= 2, lines[before:]
