@@ -406,9 +406,15 @@ def shutdown_cmdline(verb):
             'systemd.wants=multi-user.target' % (verb.upper(), verb))
 
 
+def command_re(verb):
+    """The console's first status line of the command's transient unit: 'Started' while the boot's
+    status output is on, else 'Stopped' as the shutdown it began stops it (not the command line)."""
+    return r"(Start|Stopp)\w* .*STIEFEL-%s" % verb.upper()
+
+
 def wait_shutdown(proc, console, verb):
-    """Seconds from the console's 'Started ... STIEFEL-<VERB>' to QEMU's exit (None: no exit in time)."""
-    seen = wait_console(console, r"Start\w* .*STIEFEL-%s" % verb.upper(), 120, proc=proc)
+    """Seconds from the command's line on the console (command_re) to QEMU's exit (None: no exit)."""
+    seen = wait_console(console, command_re(verb), 120, proc=proc)
     started = time.monotonic()
     try:
         proc.wait(SHUTDOWN_TIMEOUT)
@@ -443,7 +449,8 @@ def boot(lab, files, image, psk_cpio, workdir, tag, root_uuid, port, until, shut
     log("boot %s %s (image %r): %s after %.1f s, console %s" % (
         files["flavour"], tag, image, "%r seen %.1f s" % (until, seen) if seen is not None else "no %r" % until,
         time.monotonic() - started, console))
-    marker = text.find("STIEFEL-%s" % shutdown.upper()) if shutdown else -1
+    found = re.search(command_re(shutdown), text) if shutdown else None
+    marker = found.start() if found else -1
     for line in text[:marker].splitlines() if marker >= 0 else text.splitlines():
         if "stiefel-nbd" in line or "EXT4-fs (nbd" in line or "@nbdkit" in line or re.search(TARGET_RE, line) \
                 or "FATAL" in line:
