@@ -199,7 +199,7 @@ def test_a_flood_while_locked_is_not_logged_line_by_line(tmp_path):
     responder = pairing.PairingResponder(KEY, state_dir=str(tmp_path), log=lines.append, clock=clock,
                                          wall_clock=wall)
     for attempt in range(5):
-        client, _refused = _exchange(responder, "0000-000%d" % attempt)
+        _exchange(responder, "0000-000%d" % attempt)
         clock.now += 1
     before = len(lines)
     refused = 0
