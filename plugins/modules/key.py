@@ -91,6 +91,14 @@ path:
   returned: always
   type: str
   sample: /etc/stiefel/key
+pairing_code:
+  description:
+    - The code a person types on a desktop booted over the network without a stick (SPAKE2 pairing), derived
+      from the key now in O(path); a new key (O(state=rotated)) brings a new code. C(stiefelctl pairing-code)
+      prints it again later. Null in check mode when a new key would be made.
+  returned: always
+  type: str
+  sample: 0421-7730
 """
 
 import os
@@ -124,7 +132,7 @@ def run(module):
     if not _mode_is_private(module, params["mode"]):
         module.fail_json(msg="refusing mode %s for %s: the key must not be readable by group or others" % (params["mode"], path))
 
-    result = dict(changed=False, path=path, key_id=None, previous_key_id=None, action="kept")
+    result = dict(changed=False, path=path, key_id=None, previous_key_id=None, action="kept", pairing_code=None)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         if module.check_mode:
@@ -145,6 +153,7 @@ def run(module):
 
     if previous is not None and not rotate:
         result["key_id"] = result["previous_key_id"]
+        result["pairing_code"] = keyschedule.pairing_code(previous)
         new_key = None
     else:
         new_key = keyfile.generate_key()
@@ -159,6 +168,7 @@ def run(module):
         if not module.check_mode:
             keyfile.write_key_atomic(path, new_key, mode=0o600)
             result["key_id"] = keyschedule.key_id_hex(new_key)
+            result["pairing_code"] = keyschedule.pairing_code(new_key)
 
     if module._diff:
         if previous is not None:

@@ -30,18 +30,21 @@ def test_check_real_idempotent_idempotent_check(tmp_path, capsys):
     path = tmp_path / "key"
     result, _unused = run_module(capsys, path=str(path), _ansible_check_mode=True)
     assert result["changed"] and result["action"] == "created" and not path.exists()
+    assert result["pairing_code"] is None  # no key yet, so no code to show
 
     result, out = run_module(capsys, path=str(path))
     assert result["changed"] and result["action"] == "created"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = keyfile.read_key(str(path))
     assert result["key_id"] == keyschedule.key_id_hex(key)
+    assert result["pairing_code"] == keyschedule.pairing_code(key)
     assert key.hex() not in out
     before = path.read_bytes()
 
     for check in (False, True):
         result, out = run_module(capsys, path=str(path), _ansible_check_mode=check)
         assert not result["changed"] and result["action"] == "kept"
+        assert result["pairing_code"] == keyschedule.pairing_code(key)
         assert key.hex() not in out
     assert path.read_bytes() == before
 
@@ -55,6 +58,7 @@ def test_rotate_replaces_the_key(tmp_path, capsys):
     result, _unused = run_module(capsys, path=str(path), force=True)
     assert result["changed"] and result["action"] == "rotated" and path.read_bytes() != old
     assert result["previous_key_id"] != result["key_id"]
+    assert result["pairing_code"] == keyschedule.pairing_code(keyfile.read_key(str(path)))
 
 
 def test_invalid_file_is_replaced_with_warning(tmp_path, capsys):
