@@ -5,11 +5,14 @@ Subcommands (molecule's create/converge/verify/destroy and the demo call them):
             chroot connection), client stick (the project's flash_usb.yml into an
             image file), the virtual cable (namespace, bridge, two taps)
   converge  boot the laptop from its disk, then the desktop from the stick (UEFI);
-            wait for every stage of the flow; print the timeline
+            wait for every stage of the flow; after the desktop's clean power-off, follow
+            the way back (the server ramdisk kexecs into the laptop's own OS, which says
+            so and powers off); print the timeline
   verify    the desktop ran the laptop's OS (machine-id, hostname from the serial
             console), the proof file is on the laptop's disk, the filesystem is clean;
             with Secure Boot, both consoles showed it on and the kernel locked down
-            and the laptop's autokexec accepted the server kernel
+            and the laptop's autokexec accepted the server kernel; the laptop came back
+            to its own OS (same machine-id, no stiefel.* option on its command line)
 
 Secure Boot (the default; create --no-secure-boot for the BIOS laptop): both VMs on
 OVMF's Secure Boot build with Microsoft's keys (q35 + SMM), the laptop from a UEFI
