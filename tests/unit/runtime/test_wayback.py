@@ -209,3 +209,19 @@ def test_agent_follows_the_policy_and_serves_again_when_kexec_fails(tmp_path, ca
     assert "way back failed" in out and "serving the disk again" in out
     assert agent.way_back.state == "idle"
     assert os.path.exists(disk)
+
+
+def test_nbd_connections_inherit_keepalive_from_the_listener():
+    """A desktop gone without FIN must be seen gone: accepted sockets (nbdkit's) carry the listener's probes."""
+    import socket
+    listener = server.listening_socket("::1", 0, 0)
+    client = socket.create_connection(("::1", listener.getsockname()[1]))
+    conn, _peer = listener.accept()
+    try:
+        assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == server.KEEPALIVE_IDLE
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == server.KEEPALIVE_INTERVAL
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == server.KEEPALIVE_COUNT
+    finally:
+        for sock in (conn, client, listener):
+            sock.close()
