@@ -43,8 +43,9 @@ pick_python() {
     local cand
     for cand in "${STIEFEL_PYTHON:-}" python3.11 python3; do
         [ -n "$cand" ] || continue
+        # A virtualenv's own python (e.g. .venv/bin first on PATH) is no base for a new .venv.
         if command -v "$cand" >/dev/null 2>&1 &&
-            "$cand" -c 'import sys, venv; sys.exit(0 if sys.version_info[:2] >= (3, 11) else 1)' 2>/dev/null; then
+            "$cand" -c 'import sys, venv; sys.exit(0 if sys.version_info[:2] >= (3, 11) and sys.prefix == sys.base_prefix else 1)' 2>/dev/null; then
             command -v "$cand"
             return
         fi
@@ -61,12 +62,18 @@ install_venv() {
         log "virtualenv: up to date (.venv)"
         return
     fi
-    local py
-    py=$(pick_python)
-    log "virtualenv: creating .venv with $py"
-    rm -rf .venv
-    "$py" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
+    if [ -x .venv/bin/python ] && .venv/bin/python -c 'import pip' 2>/dev/null; then
+        # Update in place: removing .venv first would pull it from under every
+        # process still running from it (other shells' tests, a molecule run).
+        log "virtualenv: updating .venv to requirements/dev.txt"
+    else
+        local py
+        py=$(pick_python)
+        log "virtualenv: creating .venv with $py"
+        rm -rf .venv
+        "$py" -m venv .venv
+        .venv/bin/python -m pip install -q --upgrade pip
+    fi
     .venv/bin/python -m pip install -q -r requirements/dev.txt
     echo "$want" > "$stamp"
     log "virtualenv: ready ($(.venv/bin/ansible --version | sed -n 1p))"
