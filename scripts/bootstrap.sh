@@ -40,13 +40,15 @@ install_apt() {
 
 pick_python() {
     # ansible-core 2.19 runs on Python 3.11 (Debian 12's python3).
-    local cand
+    # A virtualenv's own python is no base for a new .venv: look past .venv/bin
+    # (test.sh puts it first on PATH) and skip any interpreter inside a venv.
+    local cand found search_path
+    search_path=$(printf '%s\n' "$PATH" | tr ':' '\n' | grep -vx "$PWD/.venv/bin" | paste -sd:)
     for cand in "${STIEFEL_PYTHON:-}" python3.11 python3; do
         [ -n "$cand" ] || continue
-        # A virtualenv's own python (e.g. .venv/bin first on PATH) is no base for a new .venv.
-        if command -v "$cand" >/dev/null 2>&1 &&
-            "$cand" -c 'import sys, venv; sys.exit(0 if sys.version_info[:2] >= (3, 11) and sys.prefix == sys.base_prefix else 1)' 2>/dev/null; then
-            command -v "$cand"
+        found=$(PATH=$search_path command -v "$cand") || continue
+        if "$found" -c 'import sys, venv; sys.exit(0 if sys.version_info[:2] >= (3, 11) and sys.prefix == sys.base_prefix else 1)' 2>/dev/null; then
+            echo "$found"
             return
         fi
     done
