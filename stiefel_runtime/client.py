@@ -36,6 +36,7 @@ from stiefel_runtime import discovery, kexec, lockdown, messages, pairing, paylo
 from stiefel_runtime.common import (Console, DEFAULT_KEY_PATH, parse_cmdline, quiet_log, read_cmdline, RUN_DIR, run_agent,
                                     stdout_log, strip_stiefel_options)
 from stiefel_runtime.netlink import LinkManager
+from stiefel_runtime.power import describe_note
 
 DISCOVER_INTERVAL = 2.0
 HTTP_TIMEOUT = 30.0
@@ -173,6 +174,7 @@ class ClientAgent(object):
         self.sock = None
         self.result = None
         self._session_wait_until = 0.0  # a SESSION_REQUEST is outstanding until then
+        self._last_power_flags = 0  # the serving laptop's last POWER note (on AC says nothing)
         self.refusals = RefusalMemory()
 
     def _send_round(self):
@@ -224,6 +226,11 @@ class ClientAgent(object):
             got = self.disc.handle(data, host, scope, port)
         except ProtocolError as exc:
             self.console.drop(source, discovery.describe(exc))
+            return None
+        if isinstance(got, messages.Message) and got.type == messages.POWER:
+            if got.flags != self._last_power_flags:  # each change once, not every discovery round
+                self.console("power: %s" % describe_note(got.flags, got.charge))
+            self._last_power_flags = got.flags
             return None
         if isinstance(got, messages.Message):  # KEXEC_ACK
             self.console("laptop %s acknowledged: it is rebooting into server mode" % source)

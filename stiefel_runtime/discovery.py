@@ -119,13 +119,19 @@ class ClientDiscovery(object):
         return messages.build_discover(self.key, nonce)
 
     def handle(self, data, address, ifindex, port=PORT):
-        """Vet a datagram; return an :class:`Offer` or the parsed KEXEC_ACK message.
+        """Vet a datagram; return an :class:`Offer` or the parsed KEXEC_ACK or POWER message.
 
         An OFFER of ours is returned without a session; a SESSION_ACCEPT is
         returned as its OFFER with ``session_nonce`` set. Raises
         ProtocolError (with the reason) for anything else.
         """
-        msg = messages.parse(self.key, data, expect=(messages.OFFER, messages.KEXEC_ACK, messages.SESSION_ACCEPT))
+        msg = messages.parse(self.key, data, expect=(messages.OFFER, messages.KEXEC_ACK, messages.SESSION_ACCEPT,
+                                                     messages.POWER))
+        if msg.type == messages.POWER:
+            self._expire()
+            if msg.client_nonce not in self._sent:
+                raise ReplayedMessage("POWER answers no DISCOVER of ours (unknown or expired client nonce)")
+            return msg
         if msg.type == messages.SESSION_ACCEPT:
             pair = (msg.client_nonce, msg.server_nonce)
             entry = self._session_sent.get(pair)

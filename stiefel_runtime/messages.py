@@ -58,9 +58,13 @@ SESSION_ACCEPT = 6
 # request answers a fresh OFFER challenge like SESSION_REQUEST does.
 WHEN_DONE = 7
 WHEN_DONE_ACK = 8
+# The serving laptop's power, sent by a server ramdisk right after each OFFER and bound to it (same nonces).
+# A datagram of its own, not an OFFER field: every OFFER parser so far refuses trailing bytes and unknown
+# flags, so a longer OFFER would cut off the sticks already flashed; they drop a POWER as an unknown type.
+POWER = 9
 TYPE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", KEXEC_REQUEST: "KEXEC_REQUEST", KEXEC_ACK: "KEXEC_ACK",
               SESSION_REQUEST: "SESSION_REQUEST", SESSION_ACCEPT: "SESSION_ACCEPT", WHEN_DONE: "WHEN_DONE",
-              WHEN_DONE_ACK: "WHEN_DONE_ACK"}
+              WHEN_DONE_ACK: "WHEN_DONE_ACK", POWER: "POWER"}
 _PURPOSE = {
     DISCOVER: keyschedule.DISCOVERY,
     OFFER: keyschedule.DISCOVERY,
@@ -70,6 +74,7 @@ _PURPOSE = {
     SESSION_ACCEPT: keyschedule.DISCOVERY,
     WHEN_DONE: keyschedule.DISCOVERY,
     WHEN_DONE_ACK: keyschedule.DISCOVERY,
+    POWER: keyschedule.DISCOVERY,
 }
 # WHEN_DONE's policy byte (wayback's names).
 WHEN_DONE_POLICIES = {1: "return", 2: "poweroff", 3: "stay"}
@@ -87,6 +92,13 @@ _OFFER_FIXED = struct.Struct(">16s16sBBHHB")  # client nonce, server nonce, role
 _NONCE_PAIR = struct.Struct(">16s16s")
 _NONCE_TRIPLE = struct.Struct(">16s16s16s")  # client nonce, challenge, session nonce
 _WHEN_DONE = struct.Struct(">16s16sB")  # client nonce, challenge, policy
+_POWER = struct.Struct(">16s16sBB")  # client nonce, the OFFER's challenge, power flags, charge (CHARGE_UNKNOWN)
+
+POWER_ON_BATTERY = 0x01
+POWER_LOW = 0x02  # at or below the server's warning level
+POWER_SHUT_DOWN = 0x04  # at or below laptop_shutdown_charge: the desktop should shut down cleanly now
+KNOWN_POWER_FLAGS = POWER_ON_BATTERY | POWER_LOW | POWER_SHUT_DOWN
+CHARGE_UNKNOWN = 255
 
 
 class Message(object):
@@ -98,7 +110,7 @@ class Message(object):
     """
 
     __slots__ = ("type", "client_nonce", "server_nonce", "session_nonce", "role", "flags", "http_port", "nbd_port",
-                 "export_name", "policy")
+                 "export_name", "policy", "charge")
 
     def __init__(self, msg_type, client_nonce, server_nonce=None, role=None, flags=0,
                  http_port=None, nbd_port=None, export_name=None, session_nonce=None):
@@ -112,6 +124,7 @@ class Message(object):
         self.nbd_port = nbd_port
         self.export_name = export_name
         self.policy = None  # WHEN_DONE and its ACK: return, poweroff or stay
+        self.charge = None  # POWER: percent, None when the server cannot tell (its flags are in ``flags``)
 
     @property
     def type_name(self):
@@ -204,6 +217,18 @@ def build_when_done(key: bytes, client_nonce: bytes, challenge: bytes, policy: s
                  _WHEN_DONE.pack(bytes(client_nonce), bytes(challenge), codes[policy]))
 
 
+def build_power(key: bytes, client_nonce: bytes, server_nonce: bytes, flags: int, charge=None) -> bytes:
+    """The POWER note that follows the OFFER carrying ``server_nonce``."""
+    _check_nonce("client nonce", client_nonce)
+    _check_nonce("server nonce", server_nonce)
+    if flags & ~KNOWN_POWER_FLAGS:
+        raise MalformedMessage("unknown power flags 0x%x" % flags)
+    if charge is not None and not 0 <= charge <= 100:
+        raise MalformedMessage("charge %r is not a percentage" % (charge,))
+    body = _POWER.pack(bytes(client_nonce), bytes(server_nonce), flags, CHARGE_UNKNOWN if charge is None else charge)
+    return _seal(key, POWER, body)
+
+
 def datagram_type(data) -> int | None:
     """The type byte of something shaped like a datagram of this version (NOT authenticated: only to route it)."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < HEADER.size:
@@ -259,6 +284,17 @@ def parse(key: bytes, data: bytes, expect=None) -> Message:
             raise MalformedMessage("%s names unknown policy %d" % (TYPE_NAMES[msg_type], code))
         msg = Message(msg_type, client_nonce, challenge)
         msg.policy = WHEN_DONE_POLICIES[code]
+        return msg
+    if msg_type == POWER:
+        if len(body) != _POWER.size:
+            raise MalformedMessage("POWER body must be %d bytes" % _POWER.size)
+        client_nonce, challenge, flags, charge = _POWER.unpack(body)
+        if flags & ~KNOWN_POWER_FLAGS:
+            raise MalformedMessage("POWER has unknown flags 0x%x" % flags)
+        if charge > 100 and charge != CHARGE_UNKNOWN:
+            raise MalformedMessage("POWER charge %d is not a percentage" % charge)
+        msg = Message(POWER, client_nonce, challenge, flags=flags)
+        msg.charge = None if charge == CHARGE_UNKNOWN else charge
         return msg
     if msg_type in (KEXEC_REQUEST, KEXEC_ACK, SESSION_REQUEST):
         if len(body) != _NONCE_PAIR.size:

@@ -38,7 +38,7 @@ from stiefel_runtime import discovery, httpserve, messages, pairing, payload, se
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
-from stiefel_runtime.power import power_warning, read_power_supplies
+from stiefel_runtime.power import power_note, power_warning, read_power_supplies
 from stiefel_runtime.procfs import process_io, tcp_peers
 from stiefel_runtime.storage import boot_dir_of, logical_block_size, luks_open, mount_read_only, resolve_device
 
@@ -47,6 +47,7 @@ MAX_UNLOCK_BODY = 4096
 STATUS_INTERVAL = 30.0
 PEERS_INTERVAL = 5.0
 POWER_INTERVAL = 30.0
+DEFAULT_SHUTDOWN_CHARGE = 10  # laptop_shutdown_charge's default
 # Supervision of nbdkit: a dead one is restarted on the same sockets' port with the
 # same session PSK, so the desktop's proxy reconnects and replays (stiefel.timeout).
 # At most NBD_RESTART_BURST restarts in NBD_RESTART_WINDOW seconds: a crash loop
@@ -85,6 +86,7 @@ class ServerState(object):
         self.clients = {}  # address -> last action
         self.unlock = None  # callable(passphrase bytes) -> None, raises StiefelError
         self.source = None  # BootSource, once /boot is readable
+        self.power = None  # (flags, charge) of the POWER note that follows each OFFER; None sends none
 
     def offer_fields(self):
         return {
@@ -95,8 +97,21 @@ class ServerState(object):
             "flags": messages.FLAG_NEEDS_PASSPHRASE if self.locked else 0,
         }
 
+    def power_fields(self, offer):
+        """The POWER note bound to ``offer`` (a DISCOVER just answered), or None."""
+        if self.power is None:
+            return None
+        flags, charge = self.power
+        return messages.build_power(self.key, offer.client_nonce, offer.server_nonce, flags, charge)
+
     def answer(self, data, peer=None):
-        """A datagram from the discovery socket (sent by ``peer``) -> the reply (raises ProtocolError to drop).
+        """The first reply of :meth:`replies` (raises ProtocolError to drop)."""
+        return self.replies(data, peer)[0]
+
+    def replies(self, data, peer=None):
+        """A datagram from the discovery socket (sent by ``peer``) -> the replies (raises ProtocolError to drop).
+
+        An OFFER is followed by the POWER note when there is one (the serving laptop's battery).
 
         Only a SESSION_REQUEST answering a fresh challenge opens a session and replaces the NBD PSK: whoever
         revokes the PSK a client holds has proven the key just now (a recorded exchange proves nothing).
@@ -111,7 +126,8 @@ class ServerState(object):
                     self.clients[peer] = "session opened, NBD session key ready"
                 self.log("client %s: proved the key, session opened; the NBD PSK is now this session's" % (
                     peer or "?"))
-        return reply
+            note = self.power_fields(msg) if msg.type == messages.DISCOVER else None
+        return [reply] if note is None else [reply, note]
 
     def route(self, method, path, peer=None):
         """``(status, reason, client_nonce, session_nonce, kind)`` for a request (no side effects but session use).
@@ -329,6 +345,9 @@ class ServerAgent(object):
     _nbd_clean = 0  # clean disconnects (NBD_CMD_DISC) nbdkit logged, counted by its log thread
     _way_back_seen = None
     way_back_seams = {}  # wayback.finish's run/poweroff/flush: unit tests only
+    # stiefel.shutdown_charge= (laptop_shutdown_charge): the charge at which the desktop is asked to shut down;
+    # None (standalone) sends no POWER notes.
+    shutdown_charge = None
 
     def __init__(self, key, console, run_dir=RUN_DIR, boot_dir=None, boot_spec=None, luks_spec=None, disk=None,
                  mtu=None, http_port=DEFAULT_HTTP_PORT, nbd_port=nbd_export.DEFAULT_PORT,
@@ -591,7 +610,15 @@ class ServerAgent(object):
         self._nbd_peers = peers
 
     def check_power(self):
-        level, message = power_warning(read_power_supplies(self.power_sysfs))
+        supplies = read_power_supplies(self.power_sysfs)
+        if self.shutdown_charge is not None:
+            note = power_note(supplies, shutdown_charge=self.shutdown_charge)
+            if note[0] & messages.POWER_SHUT_DOWN and not (self.state.power or (0,))[0] & messages.POWER_SHUT_DOWN:
+                self.console("power: at %s%% (laptop_shutdown_charge %d%%): asking the desktop to shut down cleanly"
+                             % (note[1], self.shutdown_charge))
+            with self.state.lock:
+                self.state.power = note
+        level, message = power_warning(supplies)
         if level and (level, message) != self._last_power:
             beep(message, loud=level >= 2, log=self.console)
         elif level >= 2:
@@ -661,12 +688,13 @@ class ServerAgent(object):
             self.handle_when_done(data, host, port, scope)
             return
         try:
-            reply = self.state.answer(data, host)
+            replies = self.state.replies(data, host)
         except ProtocolError as exc:
             self.console.drop(source, discovery.describe(exc))
             return
         try:
-            self.sock.sendto(reply, (host, port, 0, scope))
+            for reply in replies:
+                self.sock.sendto(reply, (host, port, 0, scope))
         except OSError as exc:
             self.console("cannot answer %s: %s" % (source, exc))
             return
@@ -850,11 +878,23 @@ def run_ramdisk(args):
             http_port=args.http_port or DEFAULT_HTTP_PORT, nbd_port=args.nbd_port or 10809,
             export_name=args.export_name or "stiefel", power_sysfs=args.power_sysfs)
         setup_way_back(agent, options, args.return_cmdline_file)
+        agent.shutdown_charge = shutdown_charge_from(options, log=console)
         agent.run()
     except StiefelError as exc:
         console("fatal: %s" % exc)
         return EXIT_FAILED
     return 0
+
+
+def shutdown_charge_from(options, log=quiet_log, default=DEFAULT_SHUTDOWN_CHARGE):
+    """``stiefel.shutdown_charge=`` (0-100) or ``default``; anything else is said and ignored."""
+    value = options.get("shutdown_charge")
+    if value is None:
+        return default
+    if isinstance(value, str) and value.isdigit() and int(value) <= 100:
+        return int(value)
+    log("ignoring stiefel.shutdown_charge=%r: not a percentage; using %d" % (str(value)[:16], default))
+    return default
 
 
 def setup_way_back(agent, options, return_cmdline_file):

@@ -23,7 +23,7 @@ import sys
 import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile
-from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
+from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, ReplayedMessage, StiefelError
 from stiefel_runtime import discovery, messages
 from stiefel_runtime.common import DEFAULT_KEY_PATH, parse_cmdline, read_cmdline
 
@@ -79,7 +79,12 @@ def parse_server(text):
         raise WhenDoneError("no interface %r" % scope[:32]) from None
 
 
-def _receive(sock, key, expect, client_nonce, deadline):
+def receive(sock, key, expect, client_nonce, deadline, log_drop=None):
+    """The first authentic datagram of a type in ``expect`` for ``client_nonce`` before ``deadline``, or None.
+
+    Anything else (junk, another key, an answer to another nonce) is dropped: told to ``log_drop(source,
+    reason)`` (a Console's rate-limited, escaped drop log) when given, and waiting goes on.
+    """
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -87,13 +92,29 @@ def _receive(sock, key, expect, client_nonce, deadline):
         readable, _w, _x = select.select([sock], [], [], remaining)
         if not readable:
             return None
-        data, _peer = sock.recvfrom(messages.MAX_DATAGRAM + 1)
+        try:
+            data, peer = sock.recvfrom(messages.MAX_DATAGRAM + 1)
+        except (BlockingIOError, InterruptedError):
+            continue
         try:
             msg = messages.parse(key, data, expect=expect)
-        except ProtocolError:
-            continue  # someone else's answer or junk: keep waiting for ours
-        if msg.client_nonce == client_nonce:
-            return msg
+            if msg.client_nonce != client_nonce:
+                raise ReplayedMessage("%s for a DISCOVER we did not just send" % msg.type_name)
+        except ProtocolError as exc:
+            if log_drop is not None:
+                log_drop("%s%%%s" % (peer[0], peer[3] if len(peer) > 3 else ""), discovery.describe(exc))
+            continue
+        return msg
+
+
+def offer_from(sock, key, address, ifindex, port=discovery.PORT, timeout=ANSWER_TIMEOUT, log_drop=None):
+    """One DISCOVER to the server at ``address%ifindex``; its fresh OFFER (a server ramdisk's) or None."""
+    client_nonce = messages.new_nonce()
+    sock.sendto(messages.build_discover(key, client_nonce), (address, port, 0, ifindex))
+    offer = receive(sock, key, (messages.OFFER,), client_nonce, time.monotonic() + timeout, log_drop)
+    if offer is not None and offer.role != messages.ROLE_SERVER:
+        raise WhenDoneError("%s is not a server ramdisk (role %d)" % (address, offer.role))
+    return offer
 
 
 def ask(key, policy, address, ifindex, port=discovery.PORT, attempts=ATTEMPTS, timeout=ANSWER_TIMEOUT):
@@ -101,16 +122,12 @@ def ask(key, policy, address, ifindex, port=discovery.PORT, attempts=ATTEMPTS, t
     sock = discovery.open_client_socket()
     try:
         for _attempt in range(attempts):
-            client_nonce = messages.new_nonce()
-            sock.sendto(messages.build_discover(key, client_nonce), (address, port, 0, ifindex))
-            offer = _receive(sock, key, (messages.OFFER,), client_nonce, time.monotonic() + timeout)
+            offer = offer_from(sock, key, address, ifindex, port, timeout)
             if offer is None:
                 continue
-            if offer.role != messages.ROLE_SERVER:
-                raise WhenDoneError("%s is not a server ramdisk (role %d): nothing to tell it" % (address, offer.role))
-            sock.sendto(messages.build_when_done(key, client_nonce, offer.server_nonce, policy),
+            sock.sendto(messages.build_when_done(key, offer.client_nonce, offer.server_nonce, policy),
                         (address, port, 0, ifindex))
-            ack = _receive(sock, key, (messages.WHEN_DONE_ACK,), client_nonce, time.monotonic() + timeout)
+            ack = receive(sock, key, (messages.WHEN_DONE_ACK,), offer.client_nonce, time.monotonic() + timeout)
             if ack is not None and ack.server_nonce == offer.server_nonce:
                 return ack.policy
         raise WhenDoneError("no answer from the server at %s%%%d after %d attempts" % (address, ifindex, attempts))

@@ -41,8 +41,9 @@ RUNTIME_DEST = PYTHON_DIR + "/" + RUNTIME_PACKAGE
 # Modules every target gets whatever it imports: the package's own files.
 ALWAYS = ("stiefel_runtime/__init__.py", "stiefel_runtime/__main__.py")
 # Tools a target carries beside its agents: the laptop's OS, booted on a desktop, runs
-# ``python3 -m stiefel_runtime.whendone`` (stiefelctl when-done) from what the laptop role installed.
-TOOLS = {"laptop": ("stiefel_runtime/whendone.py",)}
+# ``python3 -m stiefel_runtime.whendone`` (stiefelctl when-done) and the powerwatch unit's
+# ``python3 -m stiefel_runtime.powerwatch`` from what the laptop role installed.
+TOOLS = {"laptop": ("stiefel_runtime/whendone.py", "stiefel_runtime/powerwatch.py")}
 
 
 class ManifestError(StiefelError):

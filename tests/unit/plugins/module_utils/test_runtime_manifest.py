@@ -40,8 +40,8 @@ def test_each_target_gets_its_agents_and_what_they_import():
     assert "stiefel-server" in standalone and "stiefel-autokexec" not in standalone
     assert {"server.py", "payload.py", "nbd_export.py", "blockdev.py", "bootfiles.py"} <= standalone
     assert "client.py" not in standalone
-    assert "whendone.py" in laptop  # a tool, not an agent: the laptop's OS runs it on the desktop
-    assert (laptop - {"whendone.py"}) | standalone <= ramdisk
+    assert {"whendone.py", "powerwatch.py"} <= laptop  # tools, not agents: the laptop's OS runs them on the desktop
+    assert (laptop - {"whendone.py", "powerwatch.py"}) | standalone <= ramdisk
     assert {"stiefel-client", "client.py"} <= ramdisk
 
 
@@ -76,7 +76,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(rm.ManifestError, match="stiefel_runtime/__init__.py is not in the collection"):
         rm.entries("laptop", str(tmp_path))
     (tmp_path / "stiefel_runtime").mkdir()
-    for name in ("__init__", "__main__", "autokexec", "whendone"):
+    for name in ("__init__", "__main__", "autokexec", "whendone", "powerwatch"):
         (tmp_path / "stiefel_runtime" / (name + ".py")).write_text("")
     with pytest.raises(rm.ManifestError, match="agent shim .*stiefel-autokexec is missing"):
         rm.entries("laptop", str(tmp_path))

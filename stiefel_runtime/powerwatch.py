@@ -1,0 +1,159 @@
+# -*- coding: utf-8 -*-
+# Copyright: stiefel.system developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shut the laptop's OS booted on a desktop down cleanly when the laptop serving its disk runs out of battery.
+
+Run by ``stiefel-powerwatch.service`` (the laptop role's unit, which starts only
+when the kernel command line has ``stiefel.server=``, i.e. when the client
+booted this OS over NBD) as ``python3 -m stiefel_runtime.powerwatch``. Every
+``--interval`` seconds it sends the server a DISCOVER and reads the POWER note
+that follows the OFFER (docs/protocol.md): both bound to its fresh nonce and
+the key, so a recorded note is worth nothing. On battery it logs; when the
+server sets SHUT_DOWN (the charge at or below ``laptop_shutdown_charge``) it
+says so with ``wall`` and on the console and schedules ``shutdown -h +1``,
+once; a note without SHUT_DOWN (the power supply came back) cancels it with
+``shutdown -c``. No answer changes nothing: a lost datagram is no reason to
+stop or start a shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
+from stiefel_runtime import discovery, messages, whendone
+from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, escape, read_cmdline
+from stiefel_runtime.power import describe_note
+
+INTERVAL = 30.0
+SHUTDOWN_DELAY = "+1"
+KMSG_PATH = "/dev/kmsg"
+
+
+def run_command(argv):
+    """The subprocess seam: ``wall`` and ``shutdown`` (unit tests replace it)."""
+    return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=30).returncode
+
+
+def to_kmsg(text, path=KMSG_PATH):
+    """Say ``text`` on the console through the kernel log (level 2: shown even under ``quiet``)."""
+    try:
+        with open(path, "w", encoding="utf-8", errors="replace") as handle:
+            handle.write("<2>stiefel-powerwatch: %s\n" % escape(text))
+    except OSError:
+        pass
+
+
+class PowerWatch(object):
+    """What the last POWER note asks for, and the one shutdown it scheduled."""
+
+    def __init__(self, key, address, ifindex, console, port=discovery.PORT, run=run_command, kmsg=to_kmsg,
+                 timeout=whendone.ANSWER_TIMEOUT):
+        self.key = key
+        self.address = address
+        self.ifindex = ifindex
+        self.port = port
+        self.console = console
+        self.run = run
+        self.kmsg = kmsg
+        self.timeout = timeout
+        self.scheduled = False
+        self._last = None  # (flags, charge) last logged
+        self.sock = discovery.open_client_socket()
+
+    def close(self):
+        self.sock.close()
+
+    def ask(self):
+        """One DISCOVER -> OFFER -> POWER; the note's ``(flags, charge)``, or None without one."""
+        offer = whendone.offer_from(self.sock, self.key, self.address, self.ifindex, self.port, self.timeout,
+                                    self.console.drop)
+        if offer is None:
+            return None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            note = whendone.receive(self.sock, self.key, (messages.POWER,), offer.client_nonce, deadline,
+                                    self.console.drop)
+            if note is None:
+                return None
+            if note.server_nonce == offer.server_nonce:
+                return note.flags, note.charge
+            self.console.drop(self.address, "POWER bound to another OFFER")
+
+    def poll(self):
+        try:
+            note = self.ask()
+        except (StiefelError, OSError) as exc:
+            self.console("cannot ask the server at %s: %s" % (self.address, exc))
+            return
+        if note is None:
+            self.console.debug("no POWER note from %s this time" % self.address)
+            return
+        self.follow(*note)
+
+    def follow(self, flags, charge):
+        """Act on a note: log a change, schedule the shutdown once, cancel it when the flag clears."""
+        if (flags, charge) != self._last and (flags or self._last is not None):
+            self.console("power: %s" % describe_note(flags, charge))
+        self._last = (flags, charge)
+        if flags & messages.POWER_SHUT_DOWN and not self.scheduled:
+            text = ("stiefel: %s. This system shuts down cleanly in 1 minute (shutdown -h %s); connecting the "
+                    "laptop's power supply cancels it." % (describe_note(flags, charge), SHUTDOWN_DELAY))
+            self.announce(text)
+            code = self.run(["shutdown", "-h", "--no-wall", SHUTDOWN_DELAY, text])
+            self.scheduled = code == 0
+            if not self.scheduled:
+                self.console("shutdown -h %s failed (exit %s): will try again at the next note" % (SHUTDOWN_DELAY, code))
+        elif not flags & messages.POWER_SHUT_DOWN and self.scheduled:
+            text = "stiefel: %s: the shutdown is cancelled." % describe_note(flags, charge)
+            if self.run(["shutdown", "-c", "--no-wall"]) == 0:
+                self.scheduled = False
+                self.announce(text)
+            else:
+                self.console("shutdown -c failed: the shutdown stands")
+
+    def announce(self, text):
+        self.console(text)
+        self.kmsg(text)
+        self.run(["wall", text])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stiefel-powerwatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--key", default=DEFAULT_KEY_PATH)
+    parser.add_argument("--server", help="ADDRESS%%INTERFACE (default: from the kernel command line)")
+    parser.add_argument("--port", type=int, default=discovery.PORT)
+    parser.add_argument("--interval", type=float, default=INTERVAL)
+    parser.add_argument("--cmdline-file", default="/proc/cmdline")
+    parser.add_argument("--sysfs-net", default="/sys/class/net")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    console = Console("stiefel-powerwatch", debug=args.debug)
+    try:
+        key = keyfile.read_key(args.key)
+        if args.server:
+            address, ifindex = whendone.parse_server(args.server)
+        else:
+            address, ifindex = whendone.server_from_cmdline(read_cmdline(args.cmdline_file), args.sysfs_net)
+        watch = PowerWatch(key, address, ifindex, console, port=args.port)
+    except (StiefelError, OSError) as exc:
+        console("fatal: %s" % exc)
+        return 1
+    console("watching the power of the laptop at %s%%%d every %d s" % (address, ifindex, args.interval))
+    try:
+        while True:
+            watch.poll()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        watch.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
