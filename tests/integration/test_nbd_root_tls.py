@@ -13,13 +13,17 @@ on that bridge, reached by its IPv6 link-local address.
 
 One good boot per flavour proves the attach, root=UUID=... mounted from
 nbd0p1 through the local @nbdkit TLS proxy, an AES-GCM session at the server
-and the OS reaching multi-user.target; a wrong PSK fails clearly at the first
+and the OS reaching multi-user.target, then its own poweroff (initramfs-tools)
+or reboot (dracut), timed, with the laptop role's shutdown hook disconnecting
+the NBD root cleanly at the end; a wrong PSK fails clearly at the first
 attempt (for dracut in a generic image with the classic, non-systemd initrd,
 so both dracut init flavours boot). initramfs-tools also meets a plaintext
 server and cable cuts: one boot rides out a 60 s cut, several 5 s cuts and the
 server's nbdkit killed and restarted while it writes and fsyncs; another fails
-clearly after a cut longer than stiefel.timeout. Boot files are cached by
-their inputs' hash.
+clearly after a cut longer than stiefel.timeout. Power cuts (QEMU SIGKILLed
+while fsynced records are written, at the end of the ride-out boot and in boots
+of their own) leave a file system that replays clean and every acknowledged
+record intact. Boot files are cached by their inputs' hash.
 """
 
 from __future__ import annotations
