@@ -109,6 +109,7 @@ class DoneWatcher(object):
         self.deadline = None
         self._next_line = None
         self._clean = False  # a clean disconnect since the last attach (its log line may come a poll early)
+        self._waiting_clean = False  # the countdown running is the short one
 
     def set_policy(self, policy, who="the desktop"):
         """A WHEN_DONE from the desktop (stiefel_runtime.whendone) changes the policy for this run."""
@@ -131,9 +132,10 @@ class DoneWatcher(object):
         if peers:
             if self.state == "waiting":
                 self.log("way back: an NBD client is attached again: countdown cancelled")
-            if self.state != "serving":
-                self._clean = False
-            self._clean = self._clean or clean
+            # Only a clean disconnect logged in this poll counts for the last client leaving by the next one
+            # (its log line may come a poll before the socket is gone): the attach's own TLS check
+            # disconnects cleanly at boot, and that must not make a later power cut look like a clean end.
+            self._clean = clean
             self.state, self.deadline = "serving", None
             return False
         clean = self._clean or clean
@@ -148,7 +150,7 @@ class DoneWatcher(object):
                 self.state = "idle"
                 return False
             wait = min(CLEAN_WAIT, self.wait) if clean else self.wait
-            self._clean = False
+            self._clean, self._waiting_clean = False, clean
             self.state, self.deadline = "waiting", now + wait
             self.log("way back: all NBD clients gone (%s): %s in %d s unless a client comes back" % (
                 "clean disconnect" if clean else "connection dropped or closed without NBD_CMD_DISC",
@@ -156,6 +158,12 @@ class DoneWatcher(object):
             self._next_line = now + COUNTDOWN_STEP
             return wait <= 0 and self._due(now)
         if self.state == "waiting":
+            if clean and not self._waiting_clean and self.deadline - now > min(CLEAN_WAIT, self.wait):
+                # nbdkit's log line came a poll after the socket was gone: it was a clean end after all
+                self._waiting_clean = True
+                self.deadline = now + min(CLEAN_WAIT, self.wait)
+                self.log("way back: that was a clean disconnect: %s in %d s" % (
+                    self._what(), round(self.deadline - now)))
             return self._due(now)
         return False
 

@@ -225,3 +225,28 @@ def test_nbd_connections_inherit_keepalive_from_the_listener():
     finally:
         for sock in (conn, client, listener):
             sock.close()
+
+
+def test_a_clean_disconnect_long_before_the_last_client_left_does_not_count():
+    # the attach's TLS check ends cleanly at boot while the real connections stay up; hours later
+    # the desktop loses power: that is a dropped connection, with the full wait
+    lines = []
+    watcher = wayback.DoneWatcher(wayback.RETURN, wait=120, log=lines.append)
+    watcher.observe(0, 1)
+    watcher.observe(5, 4, clean=True)
+    watcher.observe(10, 4)
+    watcher.observe(3600, 0)
+    assert watcher.deadline == 3600 + 120
+    assert "connection dropped" in lines[-1]
+
+
+def test_a_clean_disconnect_logged_a_poll_late_shortens_the_wait():
+    lines = []
+    watcher = wayback.DoneWatcher(wayback.RETURN, wait=120, log=lines.append)
+    watcher.observe(0, 4)
+    watcher.observe(5, 0)
+    assert watcher.deadline == 125
+    watcher.observe(10, 0, clean=True)
+    assert watcher.deadline == 10 + wayback.CLEAN_WAIT and "clean disconnect" in lines[-1]
+    due = [t for t in range(15, 200, 5) if watcher.observe(t, 0)]
+    assert due == [10 + wayback.CLEAN_WAIT]
