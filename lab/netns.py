@@ -11,8 +11,10 @@ touched, so no traffic can leave this machine.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 
 
 def run(*argv, check=True):
@@ -22,6 +24,20 @@ def run(*argv, check=True):
 
 def _ip(*args, netns=None, check=True):
     return run(*(["ip"] + (["-n", netns] if netns else []) + list(args)), check=check)
+
+
+def link_local(ns, dev, timeout=30):
+    """The IPv6 link-local address of ``dev`` in namespace ``ns`` once it is no longer tentative (the
+    agents bring their links up themselves, so a test waits for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = json.loads(_ip("-j", "-6", "addr", "show", "dev", dev, netns=ns).stdout or "[]")
+        for link in out:
+            for addr in link.get("addr_info", []):
+                if addr.get("scope") == "link" and not addr.get("tentative"):
+                    return addr["local"]
+        time.sleep(0.2)
+    raise AssertionError("no link-local address on %s in %s" % (dev, ns))
 
 
 class VirtualLink(object):

@@ -28,7 +28,7 @@ import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
 from lab.agents import PYTHON, REPO, fake_boot, nbd_probe, stop_process, wait_for_output, write_key
-from lab.netns import run as _run
+from lab.netns import link_local, run as _run
 
 pytestmark = pytest.mark.integration
 
@@ -114,17 +114,6 @@ def _client(ns, tmp, key_path, name, timeout):
     return proc, seconds, run_dir
 
 
-def _link_local(ns, dev):
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        out = json.loads(_run("ip", "-j", "-6", "-n", ns, "addr", "show", "dev", dev).stdout or "[]")
-        for link in out:
-            for addr in link.get("addr_info", []):
-                if addr.get("scope") == "link" and not addr.get("tentative"):
-                    return addr["local"]
-        time.sleep(0.2)
-    raise AssertionError("no link-local address on %s in %s" % (dev, ns))
-
 
 def _ramdisk_server(world, rate=None, disk=False):
     ns, tmp, agents = world
@@ -141,8 +130,8 @@ def _ramdisk_server(world, rate=None, disk=False):
     server.wait_for("stiefel-server: ready", 60)
     # The client namespace's side up (the real client would do it too) and the server's address known.
     _run("ip", "-n", ns.client, "link", "set", ns.veth_c, "up")
-    server_addr = _link_local(ns.server, ns.veth_s)
-    _link_local(ns.client, ns.veth_c)
+    server_addr = link_local(ns.server, ns.veth_s)
+    link_local(ns.client, ns.veth_c)
     return ns, tmp, key_path, server, server_addr
 
 
@@ -381,8 +370,8 @@ def _listening_test(world, other_ns, other_s, other_x):
     server.wait_for("stiefel-server: ready", 60)
     proc, seconds, client_run = _client(ns, tmp, key_path, "client", 60)
     assert proc.returncode == 0, proc.stdout + proc.stderr + server.text()
-    server_addr = _link_local(ns.server, ns.veth_s)
-    other_addr = _link_local(ns.server, other_s)
+    server_addr = link_local(ns.server, ns.veth_s)
+    other_addr = link_local(ns.server, other_s)
     assert open(os.path.join(run_dir, "nbd.psk")).read() != stale  # this run made its own
 
     listening = _run("ip", "netns", "exec", ns.server, "ss", "-Hltn").stdout

@@ -24,7 +24,7 @@ import pytest
 
 from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule
 from lab.agents import AGENTS, Agent, ENV, PYTHON, fake_boot, run_client, write_key
-from lab.netns import run
+from lab.netns import link_local
 from stiefel_runtime import pairing
 
 pytestmark = pytest.mark.integration
@@ -104,17 +104,6 @@ print(json.dumps(out))
 """
 
 
-def _link_local(ns, dev):
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        out = json.loads(run("ip", "-j", "-6", "-n", ns, "addr", "show", "dev", dev).stdout or "[]")
-        for link in out:
-            for addr in link.get("addr_info", []):
-                if addr.get("scope") == "link" and not addr.get("tentative"):
-                    return addr["local"]
-        time.sleep(0.2)
-    raise AssertionError("no link-local address on %s in %s" % (dev, ns))
-
 
 def _server(ns, tmp, key_path, boot, log_name):
     agent = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--key", key_path, "--cmdline-file",
@@ -163,7 +152,7 @@ def test_pairing_by_code_and_hostile_input(world, monkeypatch):
     assert re.search(r"payload: [\d.]+ MB in", desktop.stdout), "goes on as with a stick: the payload verified"
     assert code not in desktop.stdout and code.replace("-", "") not in desktop.stdout
     assert not os.path.exists(os.path.join(tmp, "none")), "the key is kept in memory only"
-    server_addr = _link_local(ns.server, ns.veth_s)
+    server_addr = link_local(ns.server, ns.veth_s)
 
     saved = os.path.join(tmp, "proofs.json")
     first = _attack(ns, server_addr, code, "-", saved)
