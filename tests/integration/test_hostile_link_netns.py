@@ -114,7 +114,6 @@ def _client(ns, tmp, key_path, name, timeout):
     return proc, seconds, run_dir
 
 
-
 def _ramdisk_server(world, rate=None, disk=False):
     ns, tmp, agents = world
     key_path = write_key(os.path.join(tmp, "key"), keyfile.generate_key())

@@ -104,7 +104,6 @@ print(json.dumps(out))
 """
 
 
-
 def _server(ns, tmp, key_path, boot, log_name):
     agent = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--key", key_path, "--cmdline-file",
                        "/dev/null", "--boot-dir", boot, "--run-dir", os.path.join(tmp, "srv"), "--power-sysfs",
