@@ -70,11 +70,13 @@ def read_cmdline(path: str = "/proc/cmdline") -> str:
         return ""
 
 
-def strip_stiefel_options(cmdline: str, names) -> str:
-    """``cmdline`` without the ``stiefel.<name>`` options in ``names`` (so ours are never doubled)."""
+def strip_stiefel_options(cmdline: str, names=None) -> str:
+    """``cmdline`` without the ``stiefel.<name>`` options in ``names`` (so ours are never doubled), or
+    without every ``stiefel.*`` option when ``names`` is None."""
     keep = []
     for word in cmdline.split():
-        if word.startswith(CMDLINE_PREFIX) and word[len(CMDLINE_PREFIX):].partition("=")[0] in names:
+        if word.startswith(CMDLINE_PREFIX) and (
+                names is None or word[len(CMDLINE_PREFIX):].partition("=")[0] in names):
             continue
         keep.append(word)
     return " ".join(keep)

@@ -35,7 +35,7 @@ import subprocess
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 from stiefel_runtime import kexec
-from stiefel_runtime.common import CMDLINE_PREFIX, quiet_log
+from stiefel_runtime.common import quiet_log, strip_stiefel_options
 
 RETURN = "return"
 POWEROFF = "poweroff"
@@ -63,8 +63,7 @@ class WayBackError(StiefelError):
 
 def laptop_cmdline(text):
     """The laptop's own command line from ``text``: one line, without any ``stiefel.*`` word."""
-    words = [w for w in (text or "").replace("\0", " ").split() if not w.startswith(CMDLINE_PREFIX)]
-    line = " ".join(words)
+    line = strip_stiefel_options((text or "").replace("\0", " "))
     return line if len(line.encode("utf-8")) < MAX_CMDLINE else ""
 
 
