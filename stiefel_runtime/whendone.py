@@ -92,17 +92,17 @@ def receive(sock, key, expect, client_nonce, deadline, log_drop=None):
         readable, _w, _x = select.select([sock], [], [], remaining)
         if not readable:
             return None
-        try:
-            data, peer = sock.recvfrom(messages.MAX_DATAGRAM + 1)
-        except (BlockingIOError, InterruptedError):
+        got = discovery.receive(sock, log_drop)
+        if got is None:
             continue
+        data, (host, _port, scope) = got
         try:
             msg = messages.parse(key, data, expect=expect)
             if msg.client_nonce != client_nonce:
                 raise ReplayedMessage("%s for a DISCOVER we did not just send" % msg.type_name)
         except ProtocolError as exc:
             if log_drop is not None:
-                log_drop("%s%%%s" % (peer[0], peer[3] if len(peer) > 3 else ""), discovery.describe(exc))
+                log_drop("%s%%%s" % (host, scope), discovery.describe(exc))
             continue
         return msg
 
