@@ -21,12 +21,24 @@ The config file is the contract "autokexec config" of docs/dev/contracts.md
      "ramdisk_initrd": "/usr/lib/stiefel/ramdisk/initrd.img",
      "server_cmdline": "stiefel.role=server stiefel.disk=... stiefel.boot=UUID=... console=ttyS0",
      "server": {...},                        # informational
-     "trigger_macs": ["52:54:00:ab:cd:01"]}
+     "trigger_macs": ["52:54:00:ab:cd:01"],
+     "listen_macs": ["52:54:00:ab:cd:02"],
+     "netboot": {"kernel": "/usr/lib/stiefel/ramdisk/vmlinuz",     # optional: null / absent = off
+                 "initrd": "/usr/lib/stiefel/ramdisk/initrd.img",
+                 "cmdline": "stiefel.role=client stiefel.pair console=ttyS0,115200"}}
 
 ``server_cmdline`` is passed to kexec as it is (it must hold
 ``stiefel.role=server``). Discovery is answered on every interface; a NIC with
 one of ``trigger_macs`` appearing also triggers. Scratch files go to
 ``$RUNTIME_DIRECTORY`` (the unit's ``/run/stiefel-autokexec``).
+
+With ``netboot`` (the role's ``laptop_netboot``) the agent also answers network
+boot on the stiefel port: when a link with one of ``listen_macs`` appears it runs
+:class:`stiefel_runtime.netboot.Netboot` there (dnsmasq confined to that one
+interface, the client ramdisk over HTTP, without any key) and stops it when the
+link goes, before a kexec and at exit. A desktop booted that way has no key: it
+pairs by the laptop's code (PAIR_* datagrams, :mod:`stiefel_runtime.pairing`),
+answered only while netboot is configured and only on a stiefel link.
 
 Under Secure Boot lockdown the running kernel only kexecs (kexec_file_load)
 a server kernel signed by a key it trusts. ``--check-kexec`` asks it (a trial
@@ -43,19 +55,22 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
+import sys
 
 from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile, keyschedule
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, kexec, lockdown, messages, wayback
+from stiefel_runtime import discovery, kexec, lockdown, messages, netboot, pairing, wayback
 from stiefel_runtime.common import Console, parse_cmdline, run_agent
-from stiefel_runtime.netlink import LINK_ADDED, LinkManager
+from stiefel_runtime.netlink import LINK_ADDED, LINK_REMOVED, LinkManager
 
 DEFAULT_CONFIG_PATH = "/etc/stiefel/autokexec.json"
 DEFAULT_RUN_DIR = "/run/stiefel-autokexec"
 CONFIG_FORMAT = "stiefel-autokexec-config"
 CONFIG_VERSION = 1
 MAX_CONFIG = 64 * 1024
+MAX_NETBOOT_CMDLINE = 1024
 _MAC = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 
 
@@ -111,6 +126,29 @@ def parse_config(raw):
         out[name] = sorted({m.lower() for m in macs})
     server = doc.get("server", {})
     out["server"] = server if isinstance(server, dict) else {}
+    out["netboot"] = _parse_netboot(doc.get("netboot"), out["listen_macs"])
+    return out
+
+
+def _parse_netboot(doc, listen_macs):
+    """The optional ``netboot`` object: None (off) or kernel, initrd and the client ramdisk's command line."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise AutokexecError("netboot must be an object or null")
+    if not listen_macs:
+        # dnsmasq runs only on the stiefel port: without one named it would have nowhere (safe) to run
+        raise AutokexecError("netboot needs listen_macs (the stiefel port it serves on)")
+    out = {"kernel": _abs_path(doc, "kernel"), "initrd": _abs_path(doc, "initrd")}
+    cmdline = doc.get("cmdline")
+    if not isinstance(cmdline, str) or len(cmdline) > MAX_NETBOOT_CMDLINE or any(
+            c in cmdline for c in "\n\r\0"):
+        raise AutokexecError("netboot cmdline must be one line of at most %d characters" % MAX_NETBOOT_CMDLINE)
+    words = cmdline.split()
+    if "stiefel.role=client" not in words or "stiefel.pair" not in words:
+        # the served ramdisk has no key: without stiefel.pair it could never find the laptop
+        raise AutokexecError("netboot cmdline must hold stiefel.role=client and stiefel.pair")
+    out["cmdline"] = cmdline
     return out
 
 
@@ -212,6 +250,67 @@ class AutokexecAgent(object):
         self.decider = Decider(self.key)
         self.triggered = 0
         self.proc_cmdline = ""
+        self.netboot = None  # the running Netboot, on the link (index, ifname) in netboot_link
+        self.netboot_link = None
+        self.netboot_factory = netboot.Netboot  # a seam for the unit tests
+
+    # -- network boot on the stiefel port (laptop_netboot)
+    def _listen_mac(self, mac):
+        return (mac or "").lower() in self.config["listen_macs"]
+
+    def on_link_events(self, events):
+        """Start network boot when a listen link appears, stop it when that link goes."""
+        if self.config.get("netboot") is None:
+            return
+        for event in events:
+            if event.kind == LINK_ADDED and self.netboot_link is None and self._listen_mac(event.mac):
+                self.netboot_link = (event.index, event.ifname)
+                self.start_netboot()
+            elif event.kind == LINK_REMOVED and self.netboot_link and event.index == self.netboot_link[0]:
+                self.stop_netboot("link %s gone" % self.netboot_link[1])
+                self.netboot_link = None
+
+    def start_netboot(self):
+        if self.netboot is not None or self.netboot_link is None:
+            return
+        index, ifname = self.netboot_link
+        files = self.config["netboot"]
+        service = self.netboot_factory(ifname, self.run_dir, files["kernel"], files["initrd"], files["cmdline"],
+                                       log=self.console, log_drop=self.console.drop, stdout=sys.stdout)
+        try:
+            service.start(index)
+        except (StiefelError, OSError) as exc:
+            service.stop()
+            self.console("netboot on %s failed: %s (a desktop can still boot a stick)" % (ifname, exc))
+            return
+        self.netboot = service
+
+    def stop_netboot(self, why):
+        if self.netboot is None:
+            return
+        service, self.netboot = self.netboot, None
+        service.stop()
+        self.console("netboot stopped (%s)" % why)
+
+    def _on_stiefel_link(self, scope):
+        if self.links is None:  # not started (unit tests): nothing to tell the links apart by
+            return True
+        link = self.links.links.get(scope)
+        return link is not None and (self._listen_mac(link.mac)
+                                     or (link.mac or "").lower() in self.config["trigger_macs"])
+
+    def handle_pairing(self, data, host, port, scope):
+        """PAIR_* from a network-booted desktop (no key yet): answered as the server ramdisk does."""
+        source = "%s%%%s" % (host, scope)
+        if self.config.get("netboot") is None:
+            # no network boot offered, so no keyless desktop to pair: nothing to guess the code against
+            self.console.drop(source, "pairing datagram, but network boot (laptop_netboot) is off")
+        elif not self._on_stiefel_link(scope):
+            self.console.drop(source, "pairing datagram on interface %s, which is not a stiefel link" % scope)
+        else:
+            # the lockout file goes there (the unit keeps the directory across restarts)
+            os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+            pairing.answer_on(self, data, host, port, scope)
 
     def kexec_command(self):
         """Build ramdisk initrd + key cpio in run_dir; return (kernel, initrd, cmdline)."""
@@ -224,14 +323,22 @@ class AutokexecAgent(object):
     def trigger(self, reason):
         self.triggered += 1
         self.console("kexec into the stiefel server ramdisk (%s)" % reason)
+        # The server ramdisk serves the port itself: this OS's dnsmasq must not outlive it (kexec -e
+        # does not stop processes, and a half-served DHCP exchange across the kexec would confuse both).
+        self.stop_netboot("kexec")
         try:
             kernel, initrd, cmdline = self.kexec_command()
             kexec.load_and_execute(kernel, initrd, cmdline, log=self.console, dry_run=self.dry_run)
         except (StiefelError, OSError) as exc:
             self.console("kexec failed: %s; still listening" % exc)
+        # Still here (a failed kexec, or a dry run): serve the port again.
+        self.start_netboot()
 
     def handle_datagram(self, data, host, port, scope):
         source = "%s%%%s" % (host, scope)
+        if messages.is_pairing(data):
+            self.handle_pairing(data, host, port, scope)
+            return None
         try:
             reply, reason = self.decider.decide(data, scope)
         except ProtocolError as exc:
@@ -269,22 +376,29 @@ class AutokexecAgent(object):
         # itself (IPv6 link-local is all it needs). Every other link belongs
         # to the laptop's own network setup and is only watched.
         self.links = LinkManager(manage=stiefel_link_predicate(self.config), log=self.console)
-        self.links.open()
+        # systemctl stop: unwind through the finally below, so dnsmasq is stopped by its PID
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        present = self.links.open()
         self.sock = discovery.open_listen_socket(self.discovery_port)
-        self.console("listening for stiefel clients on UDP %d (%s), key id %s%s" % (
+        self.console("listening for stiefel clients on UDP %d (%s), key id %s%s%s" % (
             self.discovery_port, "triggers: " + (", ".join(self.config["trigger_macs"]) or "requests only"),
-            keyschedule.key_id_hex(self.key), ", dry run" if self.dry_run else ""))
+            keyschedule.key_id_hex(self.key), ", network boot and pairing on " + ", ".join(
+                self.config["listen_macs"]) if self.config.get("netboot") else "", ", dry run" if self.dry_run else ""))
         try:
+            self.on_link_events(present)
             while True:
                 readable, _w, _x = select.select([self.sock, self.links.fileno()], [], [])
                 if self.links.fileno() in readable:
-                    for event in self.links.process():
+                    events = self.links.process()
+                    self.on_link_events(events)
+                    for event in events:
                         if event.kind == LINK_ADDED and (event.mac or "").lower() in macs:
                             self.trigger("stiefel NIC %s (%s) appeared" % (event.ifname, event.mac))
                 if self.sock in readable:
                     for data, host, port, scope in discovery.drain(self.sock, self.console.drop):
                         self.handle_datagram(data, host, port, scope)
         finally:
+            self.stop_netboot("exit")
             self.sock.close()
             self.links.close()
 
