@@ -12,8 +12,11 @@ the key, so a recorded note is worth nothing. On battery it logs; when the
 server sets SHUT_DOWN (the charge at or below ``laptop_shutdown_charge``) it
 says so with ``wall`` and on the console and schedules ``shutdown -h +1``,
 once; a note without SHUT_DOWN (the power supply came back) cancels it with
-``shutdown -c``. No answer changes nothing: a lost datagram is no reason to
-stop or start a shutdown.
+``shutdown -c``. When logind cannot take the scheduled shutdown (``shutdown``
+fails or hangs: no D-Bus, logind not running) it keeps that minute itself and
+then runs ``systemctl poweroff`` (PID 1's own socket, no D-Bus), so the
+desktop still shuts down cleanly before the laptop dies. No answer changes
+nothing: a lost datagram is no reason to stop or start a shutdown.
 """
 
 from __future__ import annotations
@@ -31,13 +34,24 @@ from stiefel_runtime.power import describe_note
 
 INTERVAL = 30.0
 SHUTDOWN_DELAY = "+1"
+SHUTDOWN_SECONDS = 60  # SHUTDOWN_DELAY, when powerwatch keeps it itself
+# A command that hangs (systemctl waiting on a D-Bus that never answers) must not stop the watch.
+COMMAND_TIMEOUT = 30
 KMSG_PATH = "/dev/kmsg"
 
 
-def run_command(argv):
-    """The subprocess seam: ``wall`` and ``shutdown`` (unit tests replace it)."""
-    return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, timeout=30).returncode
+def run_command(argv, timeout=COMMAND_TIMEOUT):
+    """The subprocess seam: ``wall``, ``shutdown`` and ``systemctl`` (unit tests replace it).
+
+    Returns the exit code; 124 when it did not end within ``timeout``, 127 when it could not be started.
+    """
+    try:
+        return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return 124
+    except OSError:
+        return 127
 
 
 def to_kmsg(text, path=KMSG_PATH):
@@ -53,7 +67,7 @@ class PowerWatch(object):
     """What the last POWER note asks for, and the one shutdown it scheduled."""
 
     def __init__(self, key, address, ifindex, console, port=discovery.PORT, run=run_command, kmsg=to_kmsg,
-                 timeout=whendone.ANSWER_TIMEOUT):
+                 timeout=whendone.ANSWER_TIMEOUT, clock=time.monotonic):
         self.key = key
         self.address = address
         self.ifindex = ifindex
@@ -62,7 +76,9 @@ class PowerWatch(object):
         self.run = run
         self.kmsg = kmsg
         self.timeout = timeout
+        self.clock = clock
         self.scheduled = False
+        self.due = None  # when powerwatch keeps the minute itself: the clock() of its systemctl poweroff
         self._last = None  # (flags, charge) last logged
         self.sock = discovery.open_client_socket()
 
@@ -104,18 +120,42 @@ class PowerWatch(object):
         if flags & messages.POWER_SHUT_DOWN and not self.scheduled:
             text = ("stiefel: %s. This system shuts down cleanly in 1 minute (shutdown -h %s); connecting the "
                     "laptop's power supply cancels it." % (describe_note(flags, charge), SHUTDOWN_DELAY))
+            announced = self.clock()
             self.announce(text)
             code = self.run(["shutdown", "-h", "--no-wall", SHUTDOWN_DELAY, text])
-            self.scheduled = code == 0
-            if not self.scheduled:
-                self.console("shutdown -h %s failed (exit %s): will try again at the next note" % (SHUTDOWN_DELAY, code))
+            self.scheduled = True
+            if code != 0:
+                self.due = announced + SHUTDOWN_SECONDS  # the minute the wall message gave
+                self.console("shutdown -h %s failed (exit %s): powering off with systemctl poweroff in %d s instead"
+                             % (SHUTDOWN_DELAY, code, SHUTDOWN_SECONDS))
         elif not flags & messages.POWER_SHUT_DOWN and self.scheduled:
             text = "stiefel: %s: the shutdown is cancelled." % describe_note(flags, charge)
-            if self.run(["shutdown", "-c", "--no-wall"]) == 0:
+            if self.due is not None:
+                self.due, self.scheduled = None, False
+                self.announce(text)
+            elif self.run(["shutdown", "-c", "--no-wall"]) == 0:
                 self.scheduled = False
                 self.announce(text)
             else:
                 self.console("shutdown -c failed: the shutdown stands")
+
+    def tick(self):
+        """The minute powerwatch keeps itself is over: ``systemctl poweroff`` (again 10 s later if it fails)."""
+        if self.due is None or self.clock() < self.due:
+            return
+        self.console("powering off now (systemctl poweroff)")
+        code = self.run(["systemctl", "poweroff"])
+        if code == 0:
+            self.due = None
+        else:
+            self.console("systemctl poweroff failed (exit %s): trying again in 10 s" % code)
+            self.due = self.clock() + 10
+
+    def sleep_for(self, interval):
+        """Seconds until the next poll: ``interval``, or less when the minute powerwatch keeps ends sooner."""
+        if self.due is None:
+            return interval
+        return max(0.0, min(interval, self.due - self.clock()))
 
     def announce(self, text):
         self.console(text)
@@ -148,7 +188,8 @@ def main(argv=None):
     try:
         while True:
             watch.poll()
-            time.sleep(args.interval)
+            watch.tick()
+            time.sleep(watch.sleep_for(args.interval))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -147,12 +147,56 @@ def test_shutdown_is_scheduled_once_and_cancelled_when_the_flag_clears():
     assert "cancelled" in kmsg[-1]
 
 
-def test_a_failed_shutdown_is_tried_again():
-    run, kmsg = Recorder(code=1), []
+class Clock(object):
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_without_logind_powerwatch_keeps_the_minute_and_powers_off_itself():
+    """``shutdown -h +1`` failed (no D-Bus, logind down, or it hung: 124): systemctl poweroff a minute after
+    the wall message, once; a failed poweroff is tried again 10 s later."""
+    run, kmsg, clock = Recorder(code=124), [], Clock()
     watch, out = watcher(run, kmsg)
+    watch.clock = clock
+    shut = messages.POWER_ON_BATTERY | messages.POWER_SHUT_DOWN
+    watch.follow(shut, 3)
+    watch.follow(shut, 3)
+    assert [argv[0] for argv in run.calls].count("shutdown") == 1 and "systemctl poweroff in 60 s" in out.getvalue()
+    assert watch.sleep_for(30) == 30
+    clock.now += 45
+    assert watch.sleep_for(30) == 15
+    watch.tick()
+    assert ["systemctl", "poweroff"] not in run.calls
+    clock.now += 15
+    watch.tick()  # fails (the recorder answers 124): again in 10 s
+    assert run.calls[-1] == ["systemctl", "poweroff"] and watch.sleep_for(30) == 10
+    run.code = 0
+    clock.now += 10
+    watch.tick()
+    watch.tick()
+    assert run.calls.count(["systemctl", "poweroff"]) == 2 and watch.due is None
+
+
+def test_without_logind_the_power_supply_coming_back_cancels_the_own_minute():
+    run, kmsg, clock = Recorder(code=1), [], Clock()
+    watch, _out = watcher(run, kmsg)
+    watch.clock = clock
     watch.follow(messages.POWER_ON_BATTERY | messages.POWER_SHUT_DOWN, 3)
-    watch.follow(messages.POWER_ON_BATTERY | messages.POWER_SHUT_DOWN, 3)
-    assert [argv[0] for argv in run.calls].count("shutdown") == 2 and "failed" in out.getvalue()
+    run.code = 0
+    watch.follow(0, 30)
+    clock.now += 120
+    watch.tick()
+    assert "cancelled" in kmsg[-1] and not watch.scheduled
+    assert ["systemctl", "poweroff"] not in run.calls and ["shutdown", "-c", "--no-wall"] not in run.calls
+
+
+def test_run_command_survives_a_hanging_or_missing_command(tmp_path):
+    assert powerwatch.run_command(["sleep", "5"], timeout=0.2) == 124
+    assert powerwatch.run_command([str(tmp_path / "no-such-command")]) == 127
+    assert powerwatch.run_command(["true"]) == 0
 
 
 def test_powerwatch_over_a_real_socket_with_hostile_neighbours(tmp_path):
