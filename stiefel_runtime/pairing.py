@@ -38,7 +38,7 @@ from ansible_collections.stiefel.system.plugins.module_utils.errors import (
     StiefelError,
 )
 from stiefel_runtime import discovery, messages
-from stiefel_runtime.common import quiet_log
+from stiefel_runtime.common import escape, quiet_log
 
 try:
     from spake2 import SPAKE2_A, SPAKE2_B
@@ -293,6 +293,8 @@ class PairedKey(bytes):
 def pair_once(code, links, sock, log=quiet_log, timeout=10.0, port=discovery.PORT, clock=time.monotonic):
     """Run one pairing over ``sock`` on every ready link of ``links``; the stiefel key, or raise."""
     attempt = PairingClient(code, log=log, port=port)
+    drop = getattr(log, "drop", None) or (lambda source, reason: log("dropped input from %s: %s" % (
+        source, escape(reason, 200))))
     deadline = clock() + timeout
     next_hello = clock()
     while True:
@@ -319,7 +321,8 @@ def pair_once(code, links, sock, log=quiet_log, timeout=10.0, port=discovery.POR
             except PairingRefused:
                 raise
             except ProtocolError as exc:
-                log("dropped pairing reply from %s%%%s: %s" % (host, scope, discovery.describe(exc)))
+                # a Console's drop: escaped and summarised, so junk on the link cannot fill the desktop's console
+                drop("%s%%%s" % (host, scope), "pairing reply: %s" % discovery.describe(exc))
                 continue
             if isinstance(got, PairedKey):
                 return bytes(got)

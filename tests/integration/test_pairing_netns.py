@@ -7,9 +7,10 @@ command line and NO key file; the code is typed through a pipe into the client's
   both sides confirm, and the client goes on as with a stick (discovery, session, verified payload);
 * an attacker on the desktop's link (no key, no code): random bytes, truncated, oversized and off-side
   datagrams, a HELLO flood, 5 wrong codes (pairing locks: even the right code is refused), PROOFs replayed
-  within the exchange and after the server restarted (the lockout survives the restart);
-* the server logs every drop escaped and rate-limited, never logs the code, and keeps serving (a keyed client
-  boots from it afterwards).
+  within the exchange and after the server restarted (the lockout survives the restart), and a flood of
+  2000 mixed datagrams (replayed PROOFs, random, truncated, oversized) after which the server still answers;
+* the server logs every drop escaped and rate-limited (at most 60 drop lines for the whole flood, the rest
+  in summaries), never logs the code, and keeps serving (a keyed client boots from it afterwards).
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ if saved == "-":
         results.append(result); proofs.append(proof.hex() if proof else None)
     out["wrong"] = results
     out["replayed_proof_answered"] = ask(bytes.fromhex(proofs[0]), 2) is not None
+    # a flood of every kind at once: replayed PROOFs, random bytes, truncated, oversized (fragmented) datagrams
+    kinds = [bytes.fromhex(p) for p in proofs if p] + [os.urandom(64), hello[:7], os.urandom(9000), b"\0" * 1500]
+    for i in range(2000):
+        sock.sendto(kinds[i % len(kinds)], dest)
+        if i % 50 == 49:
+            time.sleep(0.02)  # paced a little so they reach the agent rather than overflow its socket buffer
+    out["mixed_flood_sent"] = 2000
+    time.sleep(1)
     out["right_while_locked"] = attempt(code)[0]
     with open(sys.argv[5], "w") as handle:
         json.dump(proofs, handle)
@@ -160,7 +169,18 @@ def test_pairing_by_code_and_hostile_input(world, monkeypatch):
     assert first["wrong"][:4] == ["refused: wrong pairing code"] * 4
     assert first["wrong"][4].startswith("refused: pairing locked after wrong codes (try again in %d s)" % LOCK)
     assert not first["replayed_proof_answered"]
-    assert first["right_while_locked"].startswith("refused before proof: pairing locked")
+    assert first["right_while_locked"].startswith("refused before proof: pairing locked"), "served after the flood"
+    deadline = time.monotonic() + 25  # a summary comes when its 10 s interval ends (the console's timer)
+    while time.monotonic() < deadline and sum(int(n) for n in re.findall(
+            r"dropped (\d+) more inputs", server.text())) < 1000:
+        time.sleep(0.5)
+    flooded = server.text()
+    shown = flooded.count("dropped input from")
+    summaries = re.findall(r"dropped (\d+) more inputs", flooded)
+    print("[pairing] server log after %d flood datagrams: %d drop lines shown, summaries %s, %d bytes" % (
+        first["mixed_flood_sent"], shown, summaries, len(flooded)))
+    assert shown <= 60 and summaries, "the drop log stays bounded: the first of each interval, then a summary"
+    assert sum(int(n) for n in summaries) + shown >= 1000
 
     server.stop()
     agents.remove(server)

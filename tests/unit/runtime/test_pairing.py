@@ -212,3 +212,59 @@ def test_a_flood_while_locked_is_not_logged_line_by_line(tmp_path):
             pass
     assert 0 < refused < 40
     assert len(lines) - before <= 2, lines[before:]
+
+
+class _NoLinks(object):
+    """The LinkManager seam: no link is ready (no HELLO goes out), nothing to process."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+
+    def fileno(self):
+        return self._r
+
+    def ready_links(self):
+        return []
+
+    def process(self):
+        pass
+
+    def close(self):
+        os.close(self._r)
+        os.close(self._w)
+
+
+def test_pair_once_summarises_a_flood_of_junk_replies_on_the_console(tmp_path):
+    import io
+    import socket
+
+    from stiefel_runtime.common import Console
+
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    links = _NoLinks()
+    try:
+        sock.bind(("::1", 0))
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        client = pairing.PairingClient("1234-5678")
+        junk = [os.urandom(n) for n in (1, 40, 500)] + [client.hello[:-3], b"STFL\x02\x13" + b"\x1b[2J" * 30]
+        for i in range(300):
+            sender.sendto(junk[i % len(junk)], sock.getsockname()[:2])
+        out = io.StringIO()
+        now = [100.0]
+        console = Console("stiefel-client", stream=out, timer=False, clock=lambda: now[0])
+        with pytest.raises(pairing.PairingError, match="no laptop answered"):
+            pairing.pair_once("1234-5678", links, sock, log=console, timeout=1.0)
+        now[0] += 11  # the summary interval is over
+        console.tick()
+        lines = out.getvalue().splitlines()
+        print("\n".join(lines[:3] + lines[-2:]))
+        assert console.dropped == 300
+        assert len(lines) <= 12, "ten drops shown, the rest in one summary"
+        assert "dropped 290 more inputs" in lines[-1]
+        assert "\x1b" not in out.getvalue()
+    finally:
+        sock.close()
+        sender.close()
+        links.close()
