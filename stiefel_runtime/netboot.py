@@ -12,11 +12,19 @@ every client that is not a UEFI PXE or HTTP boot client (``--dhcp-match`` on the
 client architecture, option 93). It serves no DNS (``--port=0``) and reads no
 configuration file (``--conf-file=/dev/null``): the argv is the whole config.
 
-TFTP serves only the first loader: shim, the Debian-signed network GRUB (named
-``grubx64.efi``, which shim loads from beside itself), GRUB's http module and the
-one ``grub/grub.cfg`` that sends GRUB to HTTP for the kernel and initrd. Nothing in the TFTP root is
-secret: the client ramdisk is served without any key (a network-booted desktop
-pairs by code, :mod:`stiefel_runtime.pairing`).
+TFTP serves the first loader: shim, the Debian-signed network GRUB (named ``grubx64.efi``,
+which shim loads from beside itself), GRUB's http module and the one ``grub/grub.cfg``. That
+config tries ``insmod http`` and, where it loads, sends GRUB to HTTP for the kernel and initrd
+(``TFTP only for the first loader`` holds without Secure Boot). Under Secure Boot shim's verifier
+refuses the unsigned http.mod (Debian 12's signed grubnetx64 has tftp built in, not http: seen in its
+module list and under OVMF), so there GRUB fetches the Debian-signed kernel and the keyless initrd
+over its built-in tftp from the same dnsmasq: ``vmlinuz`` and ``initrd.img`` are in the TFTP root too
+(links to the files served over HTTP). No signed GRUB with http exists in Debian 12, and UEFI HTTP
+boot of shim would still leave GRUB without http, so TFTP is the Secure Boot path.
+
+Nothing in the TFTP root is secret: the client ramdisk is served without any key (a network-booted
+desktop pairs by code, :mod:`stiefel_runtime.pairing`); :class:`Netboot` refuses, before anything
+listens, an initrd that holds one (:func:`stiefel_runtime.keyless.check_keyless`).
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ import ipaddress
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
+import time
 
 from ansible_collections.stiefel.system.plugins.module_utils.errors import StiefelError
 from ansible_collections.stiefel.system.plugins.module_utils import nbd_export
-from stiefel_runtime import httpserve
+from stiefel_runtime import httpserve, keyless
 from stiefel_runtime.common import Console, quiet_log
 
 # 169.254.157.0/29 (157 for nothing but being away from the /24s RFC 3927 reserves):
@@ -47,14 +57,19 @@ GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
 # Debian's signed network GRUB has tftp built in but not http (it asks TFTP for
 # $prefix/x86_64-efi/http.mod, seen under OVMF): the module from grub-efi-amd64-bin
 # is part of the loader we serve. Under Secure Boot shim's verifier refuses an
-# unsigned module, so there the HTTP step fails (open: a signed GRUB with http, or TFTP).
+# unsigned module, so there GRUB takes the kernel and initrd over TFTP (grub_cfg).
 GRUB_HTTP_MOD = "/usr/lib/grub/x86_64-efi/http.mod"
 # What shim and GRUB look for, relative to the TFTP root.
 SHIM_NAME = "shimx64.efi"
 GRUB_NAME = "grubx64.efi"
 GRUB_CFG_NAME = "grub/grub.cfg"
 GRUB_HTTP_NAME = "grub/x86_64-efi/http.mod"
-TFTP_FILES = (SHIM_NAME, GRUB_NAME, GRUB_CFG_NAME, GRUB_HTTP_NAME)
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+LOADER_FILES = (SHIM_NAME, GRUB_NAME, GRUB_CFG_NAME, GRUB_HTTP_NAME)
+# the kernel and initrd are in the TFTP root for GRUB under Secure Boot (no http module there)
+TFTP_FILES = LOADER_FILES + (KERNEL_NAME, INITRD_NAME)
+DEFAULT_CMDLINE = "stiefel.role=client stiefel.pair"
 
 # RFC 4578 / IANA processor architecture types: 7 and 9 are x86-64 UEFI PXE, 16 x86-64 UEFI HTTP.
 ARCH_EFI_PXE = (7, 9)
@@ -74,26 +89,43 @@ def http_base(port=HTTP_PORT):
     return "http://%s:%d/netboot" % (SERVER_ADDRESS, port)
 
 
-def grub_cfg(port=HTTP_PORT):
-    """The TFTP ``grub.cfg``: everything after the loader comes over HTTP (GRUB's http module is built in)."""
-    return ("# stiefel.system: the kernel and initrd come over HTTP, not TFTP\n"
+def _cmdline_ok(cmdline):
+    if any(c in cmdline for c in "\n\r\"'$;{}\\#"):
+        raise NetbootError("kernel command line for network boot has characters GRUB would interpret")
+    return cmdline
+
+
+def _entry(device, kernel, initrd, cmdline, title):
+    return ("menuentry '%s' {\n"
+            "  linux %s/%s %s\n"
+            "  initrd %s/%s\n"
+            "}\n" % (title, device, kernel, _cmdline_ok(cmdline), device, initrd))
+
+
+def grub_cfg(port=HTTP_PORT, cmdline=DEFAULT_CMDLINE):
+    """The TFTP ``grub.cfg``: the kernel and initrd over HTTP where GRUB can load its http module, else
+    (Secure Boot: shim's verifier refuses the unsigned module) over the signed GRUB's built-in tftp."""
+    return ("# stiefel.system: the kernel and initrd over HTTP; over TFTP where http.mod is refused (Secure Boot)\n"
             "set timeout=0\n"
-            "configfile (http,%s:%d)/netboot/grub.cfg\n" % (SERVER_ADDRESS, port))
+            "if insmod http; then\n"
+            "  configfile (http,%s:%d)/netboot/grub.cfg\n"
+            "fi\n"
+            "echo 'stiefel: no http module in GRUB (Secure Boot), kernel and initrd over TFTP'\n"
+            % (SERVER_ADDRESS, port)
+            + _entry("(tftp,%s)" % SERVER_ADDRESS, KERNEL_NAME, INITRD_NAME, cmdline,
+                     "stiefel client (network boot, TFTP)"))
 
 
 def http_grub_cfg(cmdline, port=HTTP_PORT):
     """The HTTP ``grub.cfg``: the signed kernel and the keyless client initrd (shim verifies the kernel)."""
-    if any(c in cmdline for c in "\n\r\"'$;{}\\"):
-        raise NetbootError("kernel command line for network boot has characters GRUB would interpret")
-    return ("set timeout=0\n"
-            "menuentry 'stiefel client (network boot)' {\n"
-            "  linux (http,%s:%d)/netboot/vmlinuz %s\n"
-            "  initrd (http,%s:%d)/netboot/initrd.img\n"
-            "}\n" % (SERVER_ADDRESS, port, cmdline, SERVER_ADDRESS, port))
+    device = "(http,%s:%d)/netboot" % (SERVER_ADDRESS, port)
+    return "set timeout=0\n" + _entry(device, KERNEL_NAME, INITRD_NAME, cmdline, "stiefel client (network boot)")
 
 
-def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT, http_mod=GRUB_HTTP_MOD):
-    """Fill ``root`` with the first loader and nothing else (files not in TFTP_FILES are removed)."""
+def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT, http_mod=GRUB_HTTP_MOD, kernel=None, initrd=None,
+                      cmdline=DEFAULT_CMDLINE):
+    """Fill ``root`` with the first loader, and links to ``kernel`` and ``initrd`` when given (GRUB's TFTP
+    path); any other file there is removed."""
     for path in (shim, grub, http_mod):
         if not os.path.isfile(path):
             raise NetbootError("%s is missing (Debian packages shim-signed, grub-efi-amd64-signed and "
@@ -102,12 +134,16 @@ def prepare_tftp_root(root, shim=SHIM, grub=GRUB, port=HTTP_PORT, http_mod=GRUB_
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel not in TFTP_FILES:
+            if rel not in LOADER_FILES:
                 os.unlink(os.path.join(dirpath, name))
     shutil.copyfile(shim, os.path.join(root, SHIM_NAME))
     shutil.copyfile(grub, os.path.join(root, GRUB_NAME))
     shutil.copyfile(http_mod, os.path.join(root, GRUB_HTTP_NAME))
-    nbd_export.atomic_write(os.path.join(root, GRUB_CFG_NAME), grub_cfg(port), 0o644)
+    for src, name in ((kernel, KERNEL_NAME), (initrd, INITRD_NAME)):
+        if src is not None:
+            # a link, not a copy: the initrd is tens of MB; dnsmasq (not --tftp-secure) follows it
+            os.symlink(os.path.abspath(src), os.path.join(root, name))
+    nbd_export.atomic_write(os.path.join(root, GRUB_CFG_NAME), grub_cfg(port, cmdline), 0o644)
     return root
 
 
@@ -304,9 +340,24 @@ class Netboot(object):
         self.http = None
 
     def start(self, ifindex):
+        kernel, initrd, cmdline = self.files
+        _cmdline_ok(cmdline)
+        started = time.monotonic()
+        try:
+            segments = keyless.check_keyless(initrd)
+        except (keyless.InitrdSecretError, OSError) as exc:
+            # before anything listens: a desktop must never be sent a key
+            raise NetbootError("refusing to serve %s over the network: %s" % (initrd, exc)) from None
+        for path in (kernel, initrd):
+            if not os.stat(path).st_mode & stat.S_IROTH:
+                # dnsmasq running as root sends only world-readable files over TFTP (GRUB's Secure Boot path)
+                raise NetbootError("%s is not world-readable: dnsmasq would not send it (it holds no key: chmod "
+                                   "0644 it)" % path)
+        self.log("netboot: %s holds no stiefel key (%d archives checked in %.1f s)" % (
+            initrd, len(segments), time.monotonic() - started))
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         add_link_address(ifindex)
-        prepare_tftp_root(self.tftp_root, port=self.http_port)
+        prepare_tftp_root(self.tftp_root, port=self.http_port, kernel=kernel, initrd=initrd, cmdline=cmdline)
         prepare_http_dir(self.http_dir, *self.files, port=self.http_port)
         self.http = StaticServer(http_routes(self.tftp_root, self.http_dir), log=self.log, log_drop=self.log_drop)
         self.http.start(self.http_port)
@@ -337,13 +388,19 @@ def main(argv=None):
     parser.add_argument("--http-port", type=int, default=HTTP_PORT)
     parser.add_argument("--kernel", required=True)
     parser.add_argument("--initrd", required=True, help="the client ramdisk, without any key")
-    parser.add_argument("--cmdline", default="stiefel.role=client stiefel.pair")
+    parser.add_argument("--cmdline", default=DEFAULT_CMDLINE)
     args = parser.parse_args(argv)
     console = Console("stiefel-netboot")
     service = Netboot(args.ifname, args.run_dir, args.kernel, args.initrd, args.cmdline, args.http_port,
                       log=console, log_drop=console.drop, stdout=sys.stdout)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    service.start(socket.if_nametoindex(args.ifname))
+    try:
+        service.start(socket.if_nametoindex(args.ifname))
+    except (StiefelError, OSError) as exc:
+        console("netboot not started: %s" % exc)
+        sys.stderr.write("stiefel-netboot: %s\n" % exc)
+        service.stop()
+        return 1
     console.marker("ready")
     try:
         service.dnsmasq.proc.wait()

@@ -34,7 +34,7 @@ import time
 
 from ansible_collections.stiefel.system.plugins.module_utils import blockdev, keyfile, keyschedule, nbd_export
 from ansible_collections.stiefel.system.plugins.module_utils.errors import ProtocolError, StiefelError
-from stiefel_runtime import discovery, httpserve, messages, pairing, payload, server_config, wayback
+from stiefel_runtime import discovery, httpserve, keyless, messages, netboot, pairing, payload, server_config, wayback
 from stiefel_runtime.bootfiles import BootSource
 from stiefel_runtime.common import beep, Console, DEFAULT_KEY_PATH, EXIT_FAILED, EXIT_REFUSED, parse_cmdline, quiet_log, read_cmdline, RUN_DIR
 from stiefel_runtime.netlink import LinkManager
@@ -348,6 +348,10 @@ class ServerAgent(object):
     # stiefel.shutdown_charge= (laptop_shutdown_charge): the charge at which the desktop is asked to shut down;
     # None (standalone) sends no POWER notes.
     shutdown_charge = None
+    # Network boot (issue 17): ``(kernel, initrd, cmdline)`` of the keyless client ramdisk to answer PXE / UEFI
+    # HTTP boot with, on the first selected link that is up; None: off.
+    netboot_files = None
+    netboot_factory = netboot.Netboot  # a seam for the unit tests
 
     def __init__(self, key, console, run_dir=RUN_DIR, boot_dir=None, boot_spec=None, luks_spec=None, disk=None,
                  mtu=None, http_port=DEFAULT_HTTP_PORT, nbd_port=nbd_export.DEFAULT_PORT,
@@ -379,6 +383,9 @@ class ServerAgent(object):
         self._listen_failed = set()
         self._nbd_restarts = []  # monotonic times of the last supervised restarts
         self._nbd_held = False  # the rate limit's "waiting" said once per hold
+        self.netboot = None  # the running Netboot, on the link (index, ifname) in netboot_link
+        self.netboot_link = None
+        self._netboot_failed = set()
 
     # -- /boot
     def _mount_point(self):
@@ -583,6 +590,38 @@ class ServerAgent(object):
                     continue
                 self.console("payload on HTTP [%s%%%s]:%d" % (key[1], wanted[key], self.state.http_port))
         self._sync_nbd(wanted)
+        self.sync_netboot(wanted)
+
+    def sync_netboot(self, wanted):
+        """Network boot follows its link: started on the first link in use, stopped when that link goes.
+
+        One link only: dnsmasq is confined to one port (:mod:`stiefel_runtime.netboot`)."""
+        if not self.netboot_files:
+            return
+        links = {index: ifname for (index, _address), ifname in wanted.items()}
+        if self.netboot is not None and self.netboot_link[0] not in links:
+            self.stop_netboot("link gone")
+        if self.netboot is not None or not links:
+            return
+        index = min(links)
+        if (index, links[index]) in self._netboot_failed:
+            return
+        service = self.netboot_factory(links[index], self.run_dir, *self.netboot_files, log=self.console,
+                                       log_drop=self.console.drop)
+        try:
+            service.start(index)
+        except (StiefelError, OSError) as exc:
+            service.stop()
+            self._netboot_failed.add((index, links[index]))  # said once; a new link (index) is tried afresh
+            self.console("cannot answer network boot on %s: %s" % (links[index], exc))
+            return
+        self.netboot, self.netboot_link = service, (index, links[index])
+
+    def stop_netboot(self, why):
+        if self.netboot is not None:
+            self.netboot.stop()
+            self.console("netboot stopped on %s (%s)" % (self.netboot_link[1], why))
+        self.netboot = self.netboot_link = None
 
     # -- status
     def status_line(self):
@@ -755,6 +794,7 @@ class ServerAgent(object):
         self._stop = True
 
     def close(self):
+        self.stop_netboot("exit")
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
@@ -789,6 +829,8 @@ class StandaloneServer(ServerAgent):
         self.selected = server_config.interface_filter(config.interfaces)
         self.manage_links = self.selected or False
         self.interfaces = config.interfaces
+        if config.netboot:
+            self.netboot_files = (config.netboot_kernel, config.netboot_initrd, netboot.DEFAULT_CMDLINE)
 
     def check_disk(self):
         blockdev.check_exportable(self.disk, writable_export=True)
@@ -796,14 +838,21 @@ class StandaloneServer(ServerAgent):
     def run(self, ready_timeout=None):
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         self.check_disk()
+        if self.netboot_files:
+            # fatal at start like a disk in use: a keyed initrd must never be offered (Netboot checks again)
+            try:
+                keyless.check_keyless(self.netboot_files[1])
+            except (keyless.InitrdSecretError, OSError) as exc:
+                raise netboot.NetbootError("netboot_initrd %s: %s" % (self.netboot_files[1], exc)) from None
         if self.boot_dir:
             source = BootSource(self.boot_dir, self.run_dir, self.console)
             source.prepare(extra_cmdline=self.hook_options())
         else:
             source = self._load_boot(resolve_device(self.boot_spec, timeout=5, log=self.console))
         self.state.source = source
-        self.console("standalone mode: listening on %s; no interface is reconfigured but those named" % (
-            ", ".join(self.interfaces) or "every interface but lo"))
+        self.console("standalone mode: listening on %s; no interface is reconfigured but those named%s" % (
+            ", ".join(self.interfaces) or "every interface but lo",
+            "; network boot on the first of them that is up" if self.netboot_files else ""))
         super().run(ready_timeout)
 
     def prepare_boot(self):

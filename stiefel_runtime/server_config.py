@@ -23,11 +23,18 @@ taken verbatim after trimming (no quoting, no escapes, no interpolation)::
     interfaces = enp0s31f6 52:54:00:ab:cd:02
     mtu = 9000
     export_name = stiefel
+    # answer PXE / UEFI HTTP boot on the first of those interfaces that is up
+    # (issue 17), sending this keyless client ramdisk; a desktop pairs by code
+    netboot = yes
+    netboot_kernel = /usr/lib/stiefel/ramdisk/vmlinuz
+    netboot_initrd = /usr/lib/stiefel/ramdisk/initrd.img
 
 Keys: ``disk`` (required); exactly one of ``boot_dir`` and ``boot``;
 optional ``key``, ``interfaces``, ``mtu`` (only with ``interfaces``: the
 server changes no interface it was not given), ``export_name``,
-``nbd_port``, ``http_port``, ``run_dir``, ``debug`` (yes/no). Unknown or
+``nbd_port``, ``http_port``, ``run_dir``, ``debug`` (yes/no), ``netboot``
+(yes/no; yes needs ``interfaces``, ``netboot_kernel`` and
+``netboot_initrd``: dnsmasq is confined to one named port). Unknown or
 repeated keys, and anything else that is not this format, raise
 :class:`ServerConfigError` naming the line.
 
@@ -58,7 +65,7 @@ MIN_MTU = 1280
 MAX_MTU = 65535
 
 KEYS = ("disk", "boot_dir", "boot", "key", "interfaces", "mtu", "export_name", "nbd_port", "http_port",
-        "run_dir", "debug")
+        "run_dir", "debug", "netboot", "netboot_kernel", "netboot_initrd")
 _KEY_RE = re.compile(r"\A[a-z_]{1,32}\Z")
 _MAC_RE = re.compile(r"\A[0-9a-f]{2}([:-][0-9a-f]{2}){5}\Z")
 # Linux interface names: 1-15 bytes, no '/', ':' or whitespace (dev_valid_name).
@@ -88,6 +95,9 @@ class ServerConfig:
     http_port: int = DEFAULT_HTTP_PORT
     run_dir: str = DEFAULT_RUN_DIR
     debug: bool = False
+    netboot: bool = False
+    netboot_kernel: str | None = None
+    netboot_initrd: str | None = None
 
 
 def parse_lines(data) -> dict:
@@ -207,11 +217,24 @@ def build(values: dict) -> ServerConfig:
             out[key] = _number(key, values[key], 1, 65535)
     if out.get("nbd_port", DEFAULT_NBD_PORT) == out.get("http_port", DEFAULT_HTTP_PORT):
         raise ServerConfigError("nbd_port and http_port must differ")
-    if values.get("debug"):
-        flag = values["debug"].lower()
-        if flag not in _TRUE + _FALSE:
-            raise ServerConfigError("debug must be yes or no, got %r" % values["debug"][:20])
-        out["debug"] = flag in _TRUE
+    for key in ("debug", "netboot"):
+        if values.get(key):
+            flag = values[key].lower()
+            if flag not in _TRUE + _FALSE:
+                raise ServerConfigError("%s must be yes or no, got %r" % (key, values[key][:20]))
+            out[key] = flag in _TRUE
+    for key in ("netboot_kernel", "netboot_initrd"):
+        if values.get(key):
+            if not out.get("netboot"):
+                raise ServerConfigError("%s is set but netboot is not yes" % key)
+            out[key] = _path(key, values[key])
+    if out.get("netboot"):
+        if not (out.get("netboot_kernel") and out.get("netboot_initrd")):
+            raise ServerConfigError("netboot = yes needs netboot_kernel and netboot_initrd (the keyless client "
+                                    "ramdisk)")
+        if not out.get("interfaces"):
+            raise ServerConfigError("netboot = yes needs interfaces: the DHCP server answers on one named port, "
+                                    "never on every interface")
     return ServerConfig(**out)
 
 
@@ -246,6 +269,9 @@ def render(config: ServerConfig) -> str:
     lines += ["export_name = %s" % config.export_name, "nbd_port = %d" % config.nbd_port,
               "http_port = %d" % config.http_port, "run_dir = %s" % config.run_dir,
               "debug = %s" % ("yes" if config.debug else "no")]
+    if config.netboot:
+        lines += ["netboot = yes", "netboot_kernel = %s" % config.netboot_kernel,
+                  "netboot_initrd = %s" % config.netboot_initrd]
     return "\n".join(lines) + "\n"
 
 

@@ -9,24 +9,31 @@ and vendor class a firmware sends) and busybox ``tftp``; HTTP with the standard 
   a UEFI HTTP one gets the HTTP URL of shim;
 * the same UEFI PXE DISCOVER on the other interface of the server's namespace gets nothing, and so does a
   plain (non-boot) DHCP client on the stiefel link;
-* TFTP serves shim, GRUB and GRUB's redirect config (byte for byte) and refuses anything else (kernel,
-  initrd, a path out of the root); TFTP on the other interface's address gets no answer;
+* TFTP serves shim, GRUB, GRUB's config, and the kernel and initrd (GRUB's path under Secure Boot), byte for
+  byte, and refuses anything else (a path out of the root); TFTP on the other interface's address gets no answer;
 * HTTP serves the kernel, initrd and GRUB config from a fixed route table and 404s anything else;
+* an initrd with the stiefel key appended (the stick's layout) is refused before anything listens;
 * (second test, issue 17 item 3's first step) a diskless OVMF VM PXE-boots shim and GRUB from it, and GRUB
-  fetches its config and the kernel over HTTP.
+  loads its http module and fetches its config and the kernel over HTTP (Secure Boot off);
+* (third test) the same with OVMF's Secure Boot build and the real ramdisk: shim refuses GRUB's unsigned http
+  module, GRUB takes the Debian-signed kernel and the keyless initrd over its built-in tftp, and the client
+  comes up with Secure Boot on, the kernel locked down, asking for the pairing code.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
-from lab.agents import ENV, PYTHON
+from ansible_collections.stiefel.system.plugins.module_utils import cpio, keyfile
+from lab.agents import AGENTS, ENV, PYTHON, Agent, fake_boot, write_key
 from lab.netns import run
-from stiefel_runtime import netboot
+from lab.qemu import VM, Timeline, checkout_overlay, ramdisk_fixups, ramdisk_with_key, secure_boot_missing
+from stiefel_runtime import kexec, netboot
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +58,25 @@ def _udhcpc(ns, ifname, script, arch=None, vendor=None):
     print("[netboot] udhcpc on %s/%s arch=%s: rc %d %s" % (
         ns, ifname, arch, done.returncode, done.stdout.strip() or "(no lease)"))
     return done
+
+
+def _stand_in_initrd(path, size):
+    """A keyless newc archive of ``size`` random bytes (random bytes alone are refused: not an initrd)."""
+    path.write_bytes(cpio.write_newc([cpio.CpioEntry.file("blob", os.urandom(size))]))
+    return path
+
+
+def _start_agent(ns, log_path, run_dir, kernel, initrd, *extra):
+    log_file = open(log_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+    agent = subprocess.Popen(  # pylint: disable=consider-using-with
+        ["ip", "netns", "exec", ns, PYTHON, "-m", "stiefel_runtime.netboot", extra[0] if extra else "stftap0",
+         str(run_dir), "--kernel", str(kernel), "--initrd", str(initrd)] + list(extra[1:]),
+        env=ENV, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "stiefel-netboot: ready" not in log_path.read_text():
+        assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.2)
+    return agent, log_file
 
 
 @pytest.fixture
@@ -83,9 +109,17 @@ def test_netboot_is_confined_to_the_stiefel_port(link, tmp_path):
     script.chmod(0o755)
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(os.urandom(300_000))
-    initrd = tmp_path / "initrd.img"
-    initrd.write_bytes(os.urandom(500_000))
+    initrd = _stand_in_initrd(tmp_path / "initrd.img", 500_000)
     run_dir = tmp_path / "run"
+    # the stick's layout (the key appended as a second archive) is refused before anything listens
+    keyed = tmp_path / "keyed.img"
+    keyed.write_bytes(initrd.read_bytes() + cpio.key_archive(keyfile.encode_key(keyfile.generate_key())))
+    refused = subprocess.run(["ip", "netns", "exec", link["srv"], PYTHON, "-m", "stiefel_runtime.netboot", "stf0",
+                              str(tmp_path / "refused"), "--kernel", str(kernel), "--initrd", str(keyed)],
+                             env=ENV, capture_output=True, text=True, timeout=60, check=False)
+    print("[netboot] keyed initrd: rc %d %s" % (refused.returncode, refused.stderr.strip().splitlines()[-1:]))
+    assert refused.returncode != 0 and "holds etc/stiefel/key" in refused.stderr + refused.stdout
+    assert "ready" not in refused.stdout and not (tmp_path / "refused" / "netboot").exists()
     log = open(tmp_path / "netboot.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
     agent = subprocess.Popen(["ip", "netns", "exec", link["srv"], PYTHON, "-m", "stiefel_runtime.netboot", "stf0",
                               str(run_dir), "--kernel", str(kernel), "--initrd", str(initrd)],
@@ -124,7 +158,8 @@ def test_netboot_is_confined_to_the_stiefel_port(link, tmp_path):
             assert fetched.read_bytes() == (tftp_root / name).read_bytes()
             print("[netboot] tftp %s: %d bytes" % (name, fetched.stat().st_size))
         assert (tftp_root / "shimx64.efi").read_bytes() == open(netboot.SHIM, "rb").read()
-        for name in ("vmlinuz", "initrd.img", "../http/vmlinuz", "/etc/passwd", "../../netboot/http/grub.cfg"):
+        assert (tftp_root / "initrd.img").read_bytes() == initrd.read_bytes()
+        for name in ("key", "../http/vmlinuz", "/etc/passwd", "../../netboot/http/grub.cfg", "../run/dnsmasq.leases"):
             got = _ns(link["cli"], "busybox", "tftp", "-g", "-r", name, "-l", str(fetched),
                       str(netboot.SERVER_ADDRESS))
             print("[netboot] tftp %s: rc %d %s" % (name, got.returncode, got.stderr.strip()))
@@ -179,7 +214,7 @@ def test_ovmf_pxe_boots_shim_and_grub_from_the_confined_dnsmasq(tmp_path):
         run("ip", "-n", ns, "tuntap", "add", "dev", "stftap0", "mode", "tap")
         run("ip", "-n", ns, "link", "set", "stftap0", "up")
         (tmp_path / "vmlinuz").write_bytes(os.urandom(200_000))
-        (tmp_path / "initrd.img").write_bytes(os.urandom(200_000))
+        _stand_in_initrd(tmp_path / "initrd.img", 200_000)
         log = tmp_path / "netboot.log"
         log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115  pylint: disable=consider-using-with
         agent = subprocess.Popen(  # pylint: disable=consider-using-with
@@ -221,3 +256,148 @@ def test_ovmf_pxe_boots_shim_and_grub_from_the_confined_dnsmasq(tmp_path):
         subprocess.run(["ip", "netns", "del", ns], check=False)
         if agent is not None:
             log_file.close()
+
+
+class _LogStamps(object):
+    """When each of some lines first appeared in a growing log (dnsmasq logs a TFTP file when it is sent)."""
+
+    def __init__(self, path, patterns):
+        self.path, self.patterns, self.seen = path, patterns, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.25):
+            text = self.path.read_text(errors="replace")
+            for pattern in self.patterns:
+                if pattern not in self.seen and pattern in text:
+                    self.seen[pattern] = time.monotonic()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.skipif(bool(secure_boot_missing()), reason=secure_boot_missing() or "-")
+def test_secure_boot_pxe_boots_the_keyless_ramdisk_over_tftp(tmp_path, ramdisk_pair):
+    """Issue 17 item 1 under Secure Boot: OVMF's Secure Boot build (Microsoft's keys enrolled) PXE-boots shim and
+    Debian's signed GRUB; shim's verifier refuses GRUB's unsigned http module, so GRUB fetches the Debian-signed
+    ramdisk kernel and the keyless initrd (the cached ramdisk, its fixups and this checkout's agents) over its
+    built-in tftp. The client's console shows Secure Boot on, the kernel locked down, and the pairing prompt.
+    The same initrd with the key appended is refused first (the real size: the check's cost is printed)."""
+    kernel, ramdisk = ramdisk_pair
+    ns = "nbs-%x" % (os.getpid() & 0xffff)
+    run("ip", "netns", "add", ns)
+    agent = vm = stamps = None
+    log_file = None
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "-n", ns, "tuntap", "add", "dev", "stftap0", "mode", "tap")
+        run("ip", "-n", ns, "link", "set", "stftap0", "up")
+        served = tmp_path / "client-initrd.img"
+        kexec.concat_files(str(served), [ramdisk] + ramdisk_fixups(ramdisk, str(tmp_path)) +
+                           [checkout_overlay(str(tmp_path))])
+        served.chmod(0o644)  # concat_files writes 0600; this one holds no key, and dnsmasq sends world-readable only
+        keyed = ramdisk_with_key(str(tmp_path), ramdisk, keyfile.generate_key())
+        started = time.monotonic()
+        refused = subprocess.run(["ip", "netns", "exec", ns, PYTHON, "-m", "stiefel_runtime.netboot", "stftap0",
+                                  str(tmp_path / "refused"), "--kernel", kernel, "--initrd", keyed],
+                                 env=ENV, capture_output=True, text=True, timeout=120, check=False)
+        print("[netboot] the ramdisk with the key appended (%d bytes): rc %d in %.1f s: %s" % (
+            os.path.getsize(keyed), refused.returncode, time.monotonic() - started, refused.stderr.strip()[-300:]))
+        assert refused.returncode != 0 and "holds etc/stiefel/key" in refused.stderr
+
+        cmdline = "console=tty0 console=ttyS0,115200 stiefel.role=client stiefel.pair"
+        log = tmp_path / "netboot.log"
+        agent, log_file = _start_agent(ns, log, tmp_path / "run", kernel, served, "stftap0", "--cmdline", cmdline)
+        print("[netboot] " + [line for line in log.read_text().splitlines() if "holds no stiefel key" in line][0])
+        tftp = tmp_path / "run" / "netboot" / "tftp"
+        stamps = _LogStamps(log, ["sent %s" % (tftp / name) for name in ("grub/grub.cfg", "vmlinuz", "initrd.img")])
+        vm = VM("desktop", str(tmp_path), memory=1024, netns=ns, secure_boot=True)
+        vm.nic("stftap0", "52:54:00:5b:ef:07", bootindex=0, romfile="")
+        t0 = time.monotonic()
+        vm.start()
+        timeline = Timeline(t0)
+        timeline.mark(vm, r"NBP filename is shimx64\.efi", 300)
+        timeline.mark(vm, r"secureboot: Secure boot enabled", 900)
+        timeline.mark(vm, r"Kernel is locked down from EFI Secure Boot[^\n]*", 120)
+        timeline.mark(vm, r"no key on this boot medium: pairing with the laptop by its code", 300)
+        timeline.mark(vm, r"Pairing code shown on the laptop \(stiefelctl pairing-code\): ", 120, partial=True)
+        timeline.show()
+        stamps.stop()
+        seen = {name.rsplit("/", 1)[-1]: at - t0 for name, at in stamps.seen.items()}
+        print("[netboot] dnsmasq sent (s since VM start): %s" % seen)
+        assert set(seen) == {"grub.cfg", "vmlinuz", "initrd.img"}, log.read_text()[-3000:]
+        print("[netboot] TFTP of the initrd (%.1f MB) by GRUB under TCG: about %.1f s (kernel sent -> initrd sent)" % (
+            served.stat().st_size / 1e6, seen["initrd.img"] - seen["vmlinuz"]))
+        text = log.read_text()
+        assert "netboot: sent /netboot/vmlinuz" not in text and "netboot: sent /netboot/initrd.img" not in text
+        console = open(vm.log_path, encoding="utf-8", errors="replace").read()
+        grub = [line[-90:] for line in console.splitlines() if "secure boot policy" in line or "stiefel: no http" in line]
+        print("[netboot] GRUB on the console:\n  " + "\n  ".join(grub))
+        # insmod http refused by the verifier, then the config's TFTP entry
+        assert "error: prohibited by secure boot policy" in console
+        assert "stiefel: no http module in GRUB (Secure Boot), kernel and initrd over TFTP" in console
+    finally:
+        if stamps is not None:
+            stamps.stop()
+        if vm is not None:
+            vm.stop()
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            agent.wait(30)
+        if log_file is not None:
+            log_file.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_standalone_server_answers_pxe_when_its_config_says_so(world, tmp_path):
+    """Issue 17 item 1 for the standalone server: ``netboot = yes`` in server.conf makes ``stiefel-server
+    --config`` answer a UEFI PXE DISCOVER on its named port with shim; a keyed netboot_initrd is fatal at start."""
+    ns, tmp, agents = world
+    key_path = write_key(os.path.join(tmp, "key"), keyfile.generate_key())
+    disk = os.path.join(tmp, "desktop.img")
+    with open(disk, "wb") as handle:
+        handle.truncate(16 << 20)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(os.urandom(100_000))
+    initrd = _stand_in_initrd(tmp_path / "initrd.img", 100_000)
+    keyed = tmp_path / "keyed.img"
+    keyed.write_bytes(initrd.read_bytes() + cpio.key_archive(keyfile.encode_key(keyfile.generate_key())))
+
+    def conf(name, served):
+        path = os.path.join(tmp, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("disk = %s\nboot_dir = %s\nkey = %s\ninterfaces = %s\nrun_dir = %s\nnetboot = yes\n"
+                         "netboot_kernel = %s\nnetboot_initrd = %s\n" % (
+                             disk, fake_boot(os.path.join(tmp, name + ".d")), key_path, ns.veth_s,
+                             os.path.join(tmp, name + ".run"), kernel, served))
+        return path
+
+    os.makedirs(os.path.join(tmp, "keyed.conf.d"))
+    refused = subprocess.run(ns.exec_argv(ns.server, PYTHON, os.path.join(AGENTS, "stiefel-server"), "--config",
+                                          conf("keyed.conf", keyed), "--power-sysfs", os.path.join(tmp, "none")),
+                             capture_output=True, text=True, env=ENV, timeout=60, check=False)
+    print("[netboot] standalone with a keyed initrd: rc %d %s" % (refused.returncode, refused.stdout.strip()[-300:]))
+    assert refused.returncode != 0 and "holds etc/stiefel/key" in refused.stdout
+    assert "stiefel-server: ready" not in refused.stdout
+
+    os.makedirs(os.path.join(tmp, "good.conf.d"))
+    run("ip", "-n", ns.client, "link", "set", ns.veth_c, "up")  # the desktop's end: a carrier for the named port
+    server = Agent(ns, [PYTHON, os.path.join(AGENTS, "stiefel-server"), "--config", conf("good.conf", initrd),
+                        "--power-sysfs", os.path.join(tmp, "none")], os.path.join(tmp, "server.log"))
+    agents.append(server)
+    server.wait_for("netboot: PXE / UEFI HTTP boot on %s" % ns.veth_s, 90)
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    pxe = _udhcpc(ns.client, ns.veth_c, str(script), arch=7, vendor="PXEClient:Arch:00007:UNDI:003016")
+    assert pxe.returncode == 0 and "boot_file=shimx64.efi" in pxe.stdout, server.text()[-3000:]
+    plain = _udhcpc(ns.client, ns.veth_c, str(script))
+    assert plain.returncode != 0
+    server.stop()
+    agents.remove(server)
+    text = server.text()
+    print("[netboot] standalone server:\n" + "\n".join(l for l in text.splitlines() if "netboot" in l or "DHCP" in l))
+    assert "netboot stopped on %s (exit)" % ns.veth_s in text

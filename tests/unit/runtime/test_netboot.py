@@ -48,8 +48,47 @@ def test_tftp_root_holds_only_the_first_loader(tmp_path):
     (root / "key").write_bytes(b"secret")
     netboot.prepare_tftp_root(str(root), shim=str(shim), grub=str(grub), http_mod=str(http_mod))
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _s, fs in os.walk(root) for f in fs)
-    assert files == sorted(netboot.TFTP_FILES)
+    assert files == sorted(netboot.LOADER_FILES)
     assert "configfile (http,169.254.157.1:61572)/netboot/grub.cfg" in (root / "grub" / "grub.cfg").read_text()
+
+
+def test_tftp_grub_cfg_falls_back_to_tftp_where_http_mod_is_refused(tmp_path):
+    for name in ("shim", "grub", "http.mod", "vmlinuz", "initrd.img"):
+        (tmp_path / name).write_bytes(name.encode())
+    root = tmp_path / "tftp"
+    netboot.prepare_tftp_root(str(root), shim=str(tmp_path / "shim"), grub=str(tmp_path / "grub"),
+                              http_mod=str(tmp_path / "http.mod"), kernel=str(tmp_path / "vmlinuz"),
+                              initrd=str(tmp_path / "initrd.img"), cmdline="stiefel.role=client stiefel.pair")
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _s, fs in os.walk(root) for f in fs)
+    assert files == sorted(netboot.TFTP_FILES)
+    assert (root / "initrd.img").read_bytes() == b"initrd.img" and os.path.islink(root / "initrd.img")
+    cfg = (root / "grub" / "grub.cfg").read_text()
+    # HTTP first (its configfile does not return once a kernel boots), the TFTP entry only after it
+    assert cfg.index("if insmod http; then") < cfg.index("configfile (http,") < cfg.index("linux (tftp,")
+    assert "  linux (tftp,169.254.157.1)/vmlinuz stiefel.role=client stiefel.pair\n" in cfg
+    assert "  initrd (tftp,169.254.157.1)/initrd.img\n" in cfg
+    # a second prepare (agent restart) replaces the links instead of failing on them
+    netboot.prepare_tftp_root(str(root), shim=str(tmp_path / "shim"), grub=str(tmp_path / "grub"),
+                              http_mod=str(tmp_path / "http.mod"), kernel=str(tmp_path / "vmlinuz"),
+                              initrd=str(tmp_path / "initrd.img"))
+
+
+def test_netboot_refuses_an_initrd_with_a_key_before_anything_listens(tmp_path, monkeypatch):
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+    from ansible_collections.stiefel.system.plugins.module_utils.keyfile import encode_key
+
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(cpio.write_newc([cpio.CpioEntry.file("init", b"#!/bin/sh\n", 0o755)])
+                       + cpio.key_archive(encode_key(b"\1" * 32)))
+    touched = []
+    monkeypatch.setattr(netboot, "add_link_address", lambda *a: touched.append(a))
+    service = netboot.Netboot("eth0", str(tmp_path), str(tmp_path / "vmlinuz"), str(initrd), "stiefel.pair")
+    with pytest.raises(netboot.NetbootError, match="refusing to serve .* holds etc/stiefel/key"):
+        service.start(2)
+    assert not touched and not (tmp_path / "netboot").exists()
+    assert service.http is None and service.dnsmasq is None
+    with pytest.raises(netboot.NetbootError, match="refusing to serve"):
+        netboot.Netboot("eth0", str(tmp_path), "k", str(tmp_path / "missing"), "x").start(2)
 
 
 def test_tftp_root_needs_the_signed_loaders(tmp_path):
@@ -60,7 +99,7 @@ def test_tftp_root_needs_the_signed_loaders(tmp_path):
 def test_http_grub_cfg_refuses_a_cmdline_grub_would_interpret():
     assert "linux (http,169.254.157.1:61572)/netboot/vmlinuz stiefel.role=client" in netboot.http_grub_cfg(
         "stiefel.role=client")
-    for bad in ("a\nb", "x; reboot", "$var", "}"):
+    for bad in ("a\nb", "x; reboot", "$var", "}", "# rest"):
         with pytest.raises(netboot.NetbootError):
             netboot.http_grub_cfg(bad)
 

@@ -62,6 +62,12 @@ def test_flags_override_the_file():
     ("disk = /d\nboot_dir = /b\nhttp_port = 70000\n", "http_port must be a number 1-65535"),
     ("disk = /d\nboot_dir = /b\ndebug = maybe\n", "debug must be yes or no"),
     ("disk = /d\x01\nboot_dir = /b\n", "line 1: control characters"),
+    ("disk = /d\nboot_dir = /b\nnetboot = sometimes\n", "netboot must be yes or no"),
+    ("disk = /d\nboot_dir = /b\ninterfaces = eth0\nnetboot = yes\n", "needs netboot_kernel and netboot_initrd"),
+    ("disk = /d\nboot_dir = /b\nnetboot = yes\nnetboot_kernel = /k\nnetboot_initrd = /i\n", "netboot = yes needs interfaces"),
+    ("disk = /d\nboot_dir = /b\nnetboot_kernel = /k\n", "netboot_kernel is set but netboot is not yes"),
+    ("disk = /d\nboot_dir = /b\ninterfaces = eth0\nnetboot = yes\nnetboot_kernel = k\nnetboot_initrd = /i\n",
+     "netboot_kernel must be an absolute path"),
 ])
 def test_refusals_name_the_problem(text, message):
     with pytest.raises(sc.ServerConfigError) as info:
@@ -150,6 +156,14 @@ def test_render_parse_round_trip(disk, boot, interfaces, mtu, name, debug):
     config = sc.ServerConfig(disk=disk, interfaces=tuple(interfaces), mtu=mtu if interfaces else None,
                              export_name=name, debug=debug, **{boot[0]: boot[1]})
     assert sc.parse(sc.render(config)) == config
+
+
+def test_netboot_config_round_trips():
+    text = GOOD + "netboot = yes\nnetboot_kernel = /usr/lib/stiefel/ramdisk/vmlinuz\nnetboot_initrd = /r/initrd.img\n"
+    config = sc.parse(text)
+    assert config.netboot and config.netboot_initrd == "/r/initrd.img"
+    assert sc.parse(sc.render(config)) == config
+    assert not sc.parse(GOOD + "netboot = no\n").netboot and "netboot" not in sc.render(sc.parse(GOOD))
 
 
 def test_check_entry_point_needs_no_agent_libraries(tmp_path, agent_env):

@@ -109,3 +109,70 @@ def test_a_missing_boot_partition_is_fatal(tmp_path):
     with pytest.raises(ServerError, match="not found"):
         agent.run()
     assert agent.links is None
+
+
+def _netboot_values(tmp_path, initrd_bytes):
+    (tmp_path / "nb-vmlinuz").write_bytes(b"kernel")
+    (tmp_path / "nb-initrd.img").write_bytes(initrd_bytes)
+    return {"interfaces": "eth1", "netboot": "yes", "netboot_kernel": str(tmp_path / "nb-vmlinuz"),
+            "netboot_initrd": str(tmp_path / "nb-initrd.img")}
+
+
+def test_a_netboot_initrd_with_a_key_is_fatal_before_any_link_is_touched(tmp_path):
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+    from ansible_collections.stiefel.system.plugins.module_utils.keyfile import encode_key
+
+    agent = make_agent(tmp_path, **_netboot_values(tmp_path, cpio.key_archive(encode_key(KEY))))
+    with pytest.raises(server.netboot.NetbootError, match="holds etc/stiefel/key"):
+        agent.run()
+    assert agent.links is None
+
+
+class FakeNetboot(object):
+    started = []
+    fail = False
+
+    def __init__(self, ifname, run_dir, kernel, initrd, cmdline, log=None, log_drop=None):
+        self.args = (ifname, run_dir, kernel, initrd, cmdline)
+        self.stopped = False
+
+    def start(self, ifindex):
+        if FakeNetboot.fail:
+            raise server.netboot.NetbootError("dnsmasq is not installed")
+        FakeNetboot.started.append((ifindex,) + self.args)
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_netboot_runs_on_the_first_named_link_and_follows_it(tmp_path):
+    from ansible_collections.stiefel.system.plugins.module_utils import cpio
+
+    agent = make_agent(tmp_path, **_netboot_values(tmp_path, cpio.write_newc([cpio.CpioEntry.file("init", b"x")])))
+    agent.netboot_factory = FakeNetboot
+    FakeNetboot.started, FakeNetboot.fail = [], False
+    agent.sync_netboot({(3, "fe80::3"): "wlan0"} if agent.selected is None else {})
+    assert FakeNetboot.started == [] and agent.netboot is None
+    agent.sync_netboot({(2, "fe80::2"): "eth1"})
+    assert FakeNetboot.started == [(2, "eth1", agent.run_dir, str(tmp_path / "nb-vmlinuz"),
+                                    str(tmp_path / "nb-initrd.img"), "stiefel.role=client stiefel.pair")]
+    running = agent.netboot
+    agent.sync_netboot({(2, "fe80::2"): "eth1"})
+    assert len(FakeNetboot.started) == 1, "one dnsmasq, not one per sync"
+    agent.sync_netboot({})
+    assert running.stopped and agent.netboot is None
+    assert "netboot stopped on eth1 (link gone)" in agent.console.stream.getvalue()
+    # a failure is said once per link, not at every sync
+    FakeNetboot.fail = True
+    for _attempt in range(3):
+        agent.sync_netboot({(4, "fe80::4"): "eth1"})
+    assert agent.console.stream.getvalue().count("cannot answer network boot on eth1") == 1
+    agent.close()
+
+
+def test_the_ramdisk_server_has_no_netboot_unless_configured(tmp_path):
+    agent = server.ServerAgent(KEY, Console("t", stream=io.StringIO()), run_dir=str(tmp_path))
+    agent.netboot_factory = FakeNetboot
+    FakeNetboot.started = []
+    agent.sync_netboot({(2, "fe80::2"): "eth1"})
+    assert FakeNetboot.started == [] and agent.netboot is None
