@@ -13,8 +13,10 @@ on that bridge, reached by its IPv6 link-local address.
 
 One good boot per flavour proves the attach, root=UUID=... mounted from
 nbd0p1 through the local @nbdkit TLS proxy, an AES-GCM session at the server
-and the OS reaching multi-user.target, then its own poweroff (initramfs-tools)
-or reboot (dracut), timed, with the laptop role's shutdown hook disconnecting
+and the OS reaching multi-user.target, then a poweroff (initramfs-tools: by
+the laptop role's stiefel-powerwatch, asked for by the server's POWER note of
+a battery at 5 %, answered by the server agent's own discovery code) or its
+own reboot (dracut), timed, with the laptop role's shutdown hook disconnecting
 the NBD root cleanly at the end; a wrong PSK fails clearly at the first
 attempt (for dracut in a generic image with the classic, non-systemd initrd,
 so both dracut init flavours boot). initramfs-tools also meets a plaintext
@@ -34,13 +36,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid as uuidlib
 
 import pytest
 
-from ansible_collections.stiefel.system.plugins.module_utils import keyschedule, nbd_export
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile, keyschedule, nbd_export, runtime_manifest
 from stiefel_runtime import client
 
 pytestmark = pytest.mark.integration
@@ -357,6 +360,15 @@ class Lab:
         assert proc.poll() is None, open(logpath).read()
         return proc
 
+    def spawn(self, argv, logpath):
+        """``argv`` in the server's namespace with the agents' PYTHONPATH, its output in ``logpath``."""
+        env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "collections"), PYTHONUNBUFFERED="1")
+        with open(logpath, "w") as handle:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns] + argv, env=env, stdout=handle,
+                                    stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
     def stop(self, proc):
         if proc.poll() is None:
             proc.terminate()
@@ -401,6 +413,8 @@ SHUTDOWN_LINES = ("stiefel-nbd", "systemd-shutdown", "Unmounting", "remount", "R
 
 def shutdown_cmdline(verb):
     """Kernel command line that has systemd run `systemctl <verb>` once multi-user.target is reached."""
+    if verb == POWERWATCH:
+        return ""  # stiefel-powerwatch.service shuts down by itself when the POWER note asks
     # systemd.run boots into its own kernel-command-line.target (the default.target alias), so
     # systemd.wants= adds multi-user.target to it; the command itself runs before multi-user.target
     # is reached, so it only queues a transient service ordered after it; run_success_action=none:
@@ -413,6 +427,8 @@ def shutdown_cmdline(verb):
 def command_re(verb):
     """The console's first status line of the command's transient unit: 'Started' while the boot's
     status output is on, else 'Stopped' as the shutdown it began stops it (not the command line)."""
+    if verb == POWERWATCH:
+        return r"stiefel-powerwatch: stiefel: .* This system shuts down cleanly in 1 minute"
     return r"(Start|Stopp)\w* .*STIEFEL-%s" % verb.upper()
 
 
@@ -420,6 +436,12 @@ def wait_shutdown(proc, console, verb):
     """Seconds from the command's line on the console (command_re) to QEMU's exit (None: no exit)."""
     seen = wait_console(console, command_re(verb), 120, proc=proc)
     started = time.monotonic()
+    if verb == POWERWATCH and seen is not None:
+        # its shutdown -h +1: the minute it gives, then the shutdown itself, timed like a command's
+        delay = wait_console(console, r"Stopp(ing|ed) ", 90, after=os.path.getsize(console), proc=proc)
+        log("powerwatch: the shutdown began %s s after its announcement" % (
+            "%.1f" % delay if delay is not None else "(never)"))
+        started = time.monotonic()
     try:
         proc.wait(SHUTDOWN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -515,8 +537,66 @@ def server_files(tmp_path, psk_line):
     return psk_file, prio, disk, root_uuid
 
 
-# each flavour's good boot ends with one of them
-SHUTDOWN_VERB = {"initramfs-tools": "poweroff", "dracut": "reboot"}
+# each flavour's good boot ends with one of them; initramfs-tools's poweroff is stiefel-powerwatch's, asked
+# for by a POWER note (the serving laptop's battery at CHARGE %)
+POWERWATCH = "powerwatch"
+SHUTDOWN_VERB = {"initramfs-tools": POWERWATCH, "dracut": "reboot"}
+CHARGE = 5
+# python -c, in the server's namespace: the server's discovery answers (stiefel_runtime.server's
+# ServerState: OFFER, then the POWER note of a laptop on battery at CHARGE %) to the booted OS's powerwatch.
+# argv: key file, run dir, charge.
+POWER_RESPONDER = r"""
+import select, sys
+from ansible_collections.stiefel.system.plugins.module_utils import keyfile
+from stiefel_runtime import discovery, power, server
+state = server.ServerState(keyfile.read_key(sys.argv[1]), sys.argv[2], 1, 1, "stiefel")
+state.power = power.power_note([{"name": "BAT0", "type": "Battery", "status": "Discharging",
+                                 "capacity": int(sys.argv[3])}], shutdown_charge=server.DEFAULT_SHUTDOWN_CHARGE)
+sock = discovery.open_listen_socket(discovery.PORT)
+print("answering with POWER %r" % (state.power,), flush=True)
+while True:
+    select.select([sock], [], [])
+    for data, host, port, scope in discovery.drain(sock):
+        try:
+            replies = state.replies(data, host)
+        except Exception as exc:  # a test harness: say it, keep answering
+            print("dropped %s%%%s: %s" % (host, scope, exc), flush=True)
+            continue
+        for reply in replies:
+            sock.sendto(reply, (host, port, 0, scope))
+        print("answered %s%%%s" % (host, scope), flush=True)
+"""
+
+
+def install_powerwatch(disk, mnt, key, remove=False):
+    """What the laptop role installs for stiefel-powerwatch (its runtime files, key and enabled unit) into
+    the OS root disk, or (``remove``) takes it out again: the cached root boots in the other tests too."""
+    unit = "etc/systemd/system/stiefel-powerwatch.service"
+    wants = "etc/systemd/system/multi-user.target.wants/stiefel-powerwatch.service"
+    os.makedirs(mnt, exist_ok=True)
+    run(["mount", "-o", "loop,offset=%d" % PART_OFFSET, disk, mnt])
+    try:
+        if remove:
+            for path in (wants, unit, "etc/stiefel", "usr/lib/stiefel/python", "usr/lib/stiefel/agents"):
+                subprocess.run(["rm", "-rf", os.path.join(mnt, path)], check=True)
+            return
+        for entry in runtime_manifest.entries("laptop", REPO):
+            target = os.path.join(mnt, "usr/lib/stiefel", entry.dest)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(entry.src, target)
+        os.makedirs(os.path.join(mnt, "etc/stiefel"), mode=0o700, exist_ok=True)
+        keyfile.write_key_atomic(os.path.join(mnt, "etc/stiefel/key"), key)
+        with open(os.path.join(REPO, "roles", "laptop", "templates", "stiefel-powerwatch.service.j2")) as handle:
+            text = handle.read()
+        for name, value in (("ansible_managed", "test_nbd_root_tls"), ("laptop_key_path", "/etc/stiefel/key"),
+                            ("laptop_lib_dir", "/usr/lib/stiefel")):
+            text = text.replace("{{ %s }}" % name, value)
+        with open(os.path.join(mnt, unit), "w") as handle:
+            handle.write(text)
+        os.makedirs(os.path.dirname(os.path.join(mnt, wants)), exist_ok=True)
+        os.symlink("/" + unit, os.path.join(mnt, wants))
+    finally:
+        run(["umount", mnt])
 
 
 def install_shutdown_hook(disk, mnt):
@@ -537,19 +617,34 @@ def install_shutdown_hook(disk, mnt):
 def test_root_over_tls_psk(boot_files, lab, tmp_path):
     """One boot: attach over TLS-PSK, root mounted from nbd0p1, AES-GCM at the server, the OS's target.
 
-    The OS then powers off (initramfs-tools) or reboots (dracut) by itself: it must not hang on its
-    NBD root, and the role's shutdown hook disconnects it cleanly at the very end.
+    The OS then powers off (initramfs-tools: stiefel-powerwatch, on the server's low-battery request, walls and
+    shuts down a minute later) or reboots (dracut) by itself: it must not hang on its NBD root, and the role's
+    shutdown hook disconnects it cleanly at the very end.
     """
     archive, line = session_psk()
     psk_file, prio, _unused, _unused = server_files(tmp_path, line)
     port = 20000 + os.getpid() % 10000
     server_log = str(tmp_path / "nbdkit.log")
-    install_shutdown_hook(os.path.join(boot_files["dir"], "root.img"), str(tmp_path / "root-mnt"))
-    lab.serve(os.path.join(boot_files["dir"], "root.img"), port, psk_file, server_log, prio)
+    root_img = os.path.join(boot_files["dir"], "root.img")
+    install_shutdown_hook(root_img, str(tmp_path / "root-mnt"))
+    lab.serve(root_img, port, psk_file, server_log, prio)
     image = FLAVOURS[boot_files["flavour"]]["boot"]
     verb = SHUTDOWN_VERB[boot_files["flavour"]]
-    text = boot(lab, boot_files, image, archive, str(tmp_path), "good", boot_files["root_uuid"], port,
-                until=TARGET_RE + "|FATAL|Kernel panic", shutdown=verb)
+    responder = None
+    if verb == POWERWATCH:
+        key = keyfile.generate_key()
+        install_powerwatch(root_img, str(tmp_path / "root-mnt"), key)
+        key_path = str(tmp_path / "stiefel.key")
+        keyfile.write_key_atomic(key_path, key)
+        responder = lab.spawn([sys.executable, "-c", POWER_RESPONDER, key_path, str(tmp_path), str(CHARGE)],
+                              str(tmp_path / "responder.log"))
+    try:
+        text = boot(lab, boot_files, image, archive, str(tmp_path), "good", boot_files["root_uuid"], port,
+                    until=TARGET_RE + "|FATAL|Kernel panic", shutdown=verb)
+    finally:
+        if responder is not None:
+            lab.stop(responder)
+            install_powerwatch(root_img, str(tmp_path / "root-mnt"), None, remove=True)
     assert "stiefel-nbd: attached /dev/nbd0" in text, text[-3000:]
     assert "EXT4-fs (nbd0p1): mounted filesystem" in text, text[-3000:]
     assert "TLS proxy pid" in text and ("--log=stderr -P /run/stiefel-nbdkit.pid -U /run/stiefel-nbd.sock --filter=retry "
@@ -566,7 +661,14 @@ def test_root_over_tls_psk(boot_files, lab, tmp_path):
         if "NBD_CMD_DISC" in line or "error" in line:
             print("    server: " + line)
     assert boot.shutdown_took is not None, text[-3000:]
-    assert "stiefel-nbd: /dev/nbd0 flushed and disconnected (%s)" % verb in text, text[-3000:]
+    assert "stiefel-nbd: /dev/nbd0 flushed and disconnected (%s)" % (
+        "poweroff" if verb == POWERWATCH else verb) in text, text[-3000:]
+    if verb == POWERWATCH:
+        log("responder: %s" % open(str(tmp_path / "responder.log")).read().strip().replace("\n", "; "))
+        note = "the laptop serving this disk is on battery at %d%%: it asks this desktop to shut down cleanly" % CHARGE
+        assert "stiefel-powerwatch: power: %s" % note in text, text[-3000:]
+        assert re.search(r"stiefel-powerwatch: stiefel: %s\. This system shuts down cleanly in 1 minute" % note,
+                         text), text[-3000:]
     # one for the attach's TLS probe, then one per kernel connection (nbd-client -C 4)
     assert server_text.count(CLEAN_DISCONNECT) >= 5, server_text[-3000:]
 
