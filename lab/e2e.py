@@ -410,8 +410,23 @@ def main(argv=None):
                              "--no-secure-boot: a BIOS laptop and a plain UEFI desktop")
     parser.add_argument("--no-reference", action="store_true",
                         help="converge: skip the direct boot of the laptop disk (no ratio in the timeline)")
+    parser.add_argument("--laptop-generator", choices=["initramfs-tools", "dracut"], default="initramfs-tools",
+                        help="the laptop root's initramfs generator (dracut: the cached bookworm-dracut root)")
+    parser.add_argument("--desktop", choices=["stick", "netboot"], default="stick",
+                        help="how the desktop boots: the client stick, or no stick (OVMF network boot and the "
+                             "pairing code; lab/e2e_netboot.py, its own work dir and namespace)")
     args = parser.parse_args(argv)
-    {"create": create, "converge": converge, "verify": verify, "destroy": destroy}[args.step](args)
+    if (args.desktop == "netboot") != (args.laptop_generator == "dracut"):
+        # two flows, each proven once: initramfs-tools with the stick, dracut with network boot
+        parser.error("supported: --laptop-generator initramfs-tools --desktop stick (the default), "
+                     "or --laptop-generator dracut --desktop netboot")
+    if args.desktop == "netboot":
+        from lab import e2e_netboot  # pylint: disable=import-outside-toplevel
+        steps = {"create": e2e_netboot.create, "converge": e2e_netboot.converge, "verify": e2e_netboot.verify,
+                 "destroy": e2e_netboot.destroy}
+    else:
+        steps = {"create": create, "converge": converge, "verify": verify, "destroy": destroy}
+    steps[args.step](args)
     return 0
 
 

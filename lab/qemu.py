@@ -128,10 +128,17 @@ class VM(object):
             self._extra += ["-drive", "file=%s,format=%s,if=%s,cache=writeback" % (path, fmt, interface)]
         return self
 
-    def nic(self, tap, mac, model="virtio-net-pci"):
+    def nic(self, tap, mac, model="virtio-net-pci", bootindex=None, romfile=None):
+        """A NIC on ``tap``. ``bootindex`` makes the firmware boot from it (network boot); ``romfile=""``
+        leaves out QEMU's iPXE option ROM, so OVMF's own PXE / HTTP boot answers (the real firmware path)."""
         ident = "n%d" % len(self._extra)
+        device = "%s,netdev=%s,mac=%s" % (model, ident, mac)
+        if bootindex is not None:
+            device += ",bootindex=%d" % bootindex
+        if romfile is not None:
+            device += ",romfile=%s" % romfile
         self._extra += ["-netdev", "tap,id=%s,ifname=%s,script=no,downscript=no" % (ident, tap),
-                        "-device", "%s,netdev=%s,mac=%s" % (model, ident, mac)]
+                        "-device", device]
         return self
 
     def kernel(self, kernel, initrd, append):
