@@ -10,10 +10,11 @@ booted this OS over NBD) as ``python3 -m stiefel_runtime.powerwatch``. Every
 that follows the OFFER (docs/protocol.md): both bound to its fresh nonce and
 the key, so a recorded note is worth nothing. On battery it logs; when the
 server sets SHUT_DOWN (the charge at or below ``laptop_shutdown_charge``) it
-says so with ``wall`` and on the console and schedules ``shutdown -h +1``,
+says so with ``wall`` and on the console and schedules ``shutdown -h +GRACE``
+(``--grace`` minutes, default 1: the laptop role's ``laptop_powerwatch_grace``),
 once; a note without SHUT_DOWN (the power supply came back) cancels it with
 ``shutdown -c``. When logind cannot take the scheduled shutdown (``shutdown``
-fails or hangs: no D-Bus, logind not running) it keeps that minute itself and
+fails or hangs: no D-Bus, logind not running) it keeps that time itself and
 then runs ``systemctl poweroff`` (PID 1's own socket, no D-Bus), so the
 desktop still shuts down cleanly before the laptop dies. No answer changes
 nothing: a lost datagram is no reason to stop or start a shutdown.
@@ -33,8 +34,8 @@ from stiefel_runtime.common import Console, DEFAULT_KEY_PATH, escape, read_cmdli
 from stiefel_runtime.power import describe_note
 
 INTERVAL = 30.0
-SHUTDOWN_DELAY = "+1"
-SHUTDOWN_SECONDS = 60  # SHUTDOWN_DELAY, when powerwatch keeps it itself
+GRACE_MINUTES = 1  # between the wall message and the shutdown: time to save work, or to plug the laptop in
+GRACE_MAX = 60
 # A command that hangs (systemctl waiting on a D-Bus that never answers) must not stop the watch.
 COMMAND_TIMEOUT = 30
 KMSG_PATH = "/dev/kmsg"
@@ -67,8 +68,9 @@ class PowerWatch(object):
     """What the last POWER note asks for, and the one shutdown it scheduled."""
 
     def __init__(self, key, address, ifindex, console, port=discovery.PORT, run=run_command, kmsg=to_kmsg,
-                 timeout=whendone.ANSWER_TIMEOUT, clock=time.monotonic):
+                 timeout=whendone.ANSWER_TIMEOUT, clock=time.monotonic, grace=GRACE_MINUTES):
         self.key = key
+        self.grace = grace
         self.address = address
         self.ifindex = ifindex
         self.port = port
@@ -118,16 +120,18 @@ class PowerWatch(object):
             self.console("power: %s" % describe_note(flags, charge))
         self._last = (flags, charge)
         if flags & messages.POWER_SHUT_DOWN and not self.scheduled:
-            text = ("stiefel: %s. This system shuts down cleanly in 1 minute (shutdown -h %s); connecting the "
-                    "laptop's power supply cancels it." % (describe_note(flags, charge), SHUTDOWN_DELAY))
+            delay = "+%d" % self.grace
+            when = "now" if not self.grace else "in %d minute%s" % (self.grace, "" if self.grace == 1 else "s")
+            text = ("stiefel: %s. This system shuts down cleanly %s (shutdown -h %s); connecting the "
+                    "laptop's power supply cancels it." % (describe_note(flags, charge), when, delay))
             announced = self.clock()
             self.announce(text)
-            code = self.run(["shutdown", "-h", "--no-wall", SHUTDOWN_DELAY, text])
+            code = self.run(["shutdown", "-h", "--no-wall", delay, text])
             self.scheduled = True
             if code != 0:
-                self.due = announced + SHUTDOWN_SECONDS  # the minute the wall message gave
+                self.due = announced + 60 * self.grace  # the time the wall message gave
                 self.console("shutdown -h %s failed (exit %s): powering off with systemctl poweroff in %d s instead"
-                             % (SHUTDOWN_DELAY, code, SHUTDOWN_SECONDS))
+                             % (delay, code, 60 * self.grace))
         elif not flags & messages.POWER_SHUT_DOWN and self.scheduled:
             text = "stiefel: %s: the shutdown is cancelled." % describe_note(flags, charge)
             if self.due is not None:
@@ -163,12 +167,26 @@ class PowerWatch(object):
         self.run(["wall", text])
 
 
+def grace_minutes(text):
+    """argparse type of ``--grace``: whole minutes, 0 (at once) to GRACE_MAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number of minutes: %r" % text) from None
+    if not 0 <= value <= GRACE_MAX:
+        raise argparse.ArgumentTypeError("%d minutes is not within 0-%d" % (value, GRACE_MAX))
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="stiefel-powerwatch", description=__doc__.splitlines()[0])
     parser.add_argument("--key", default=DEFAULT_KEY_PATH)
     parser.add_argument("--server", help="ADDRESS%%INTERFACE (default: from the kernel command line)")
     parser.add_argument("--port", type=int, default=discovery.PORT)
     parser.add_argument("--interval", type=float, default=INTERVAL)
+    parser.add_argument("--grace", type=grace_minutes, default=GRACE_MINUTES,
+                        help="minutes between the wall message and the shutdown (0-%d, default %d)" % (
+                            GRACE_MAX, GRACE_MINUTES))
     parser.add_argument("--cmdline-file", default="/proc/cmdline")
     parser.add_argument("--sysfs-net", default="/sys/class/net")
     parser.add_argument("--debug", action="store_true")
@@ -180,7 +198,7 @@ def main(argv=None):
             address, ifindex = whendone.parse_server(args.server)
         else:
             address, ifindex = whendone.server_from_cmdline(read_cmdline(args.cmdline_file), args.sysfs_net)
-        watch = PowerWatch(key, address, ifindex, console, port=args.port)
+        watch = PowerWatch(key, address, ifindex, console, port=args.port, grace=args.grace)
     except (StiefelError, OSError) as exc:
         console("fatal: %s" % exc)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import select
@@ -178,6 +179,29 @@ def test_without_logind_powerwatch_keeps_the_minute_and_powers_off_itself():
     watch.tick()
     watch.tick()
     assert run.calls.count(["systemctl", "poweroff"]) == 2 and watch.due is None
+
+
+def test_grace_zero_shuts_down_now_and_powers_off_at_once_without_logind():
+    """``--grace 0`` (laptop_powerwatch_grace: 0): ``shutdown -h +0``, and without logind no wait at all."""
+    run, kmsg, clock = Recorder(code=1), [], Clock()
+    watch, out = watcher(run, kmsg)
+    watch.clock, watch.grace = clock, 0
+    watch.follow(messages.POWER_ON_BATTERY | messages.POWER_SHUT_DOWN, 4)
+    assert ["shutdown", "-h", "--no-wall", "+0", kmsg[0]] in run.calls and "shuts down cleanly now" in kmsg[0]
+    assert "systemctl poweroff in 0 s" in out.getvalue() and watch.sleep_for(30) == 0
+    watch.tick()
+    assert run.calls[-1] == ["systemctl", "poweroff"]
+
+
+@pytest.mark.parametrize("text, minutes", [("0", 0), ("1", 1), ("15", 15), ("60", 60)])
+def test_grace_minutes_accepts_whole_minutes(text, minutes):
+    assert powerwatch.grace_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["-1", "61", "1.5", "", "one", "9" * 400])
+def test_grace_minutes_refuses_the_rest(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        powerwatch.grace_minutes(text)
 
 
 def test_without_logind_the_power_supply_coming_back_cancels_the_own_minute():
