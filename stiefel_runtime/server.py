@@ -686,7 +686,8 @@ class ServerAgent(object):
         source = self.state.source
         paths = source.paths if source is not None else {}
         cmdline = self.return_cmdline
-        if cmdline is None and source is not None:
+        # only the return boots a command line: poweroff and stay need none, and saying so would mislead
+        if cmdline is None and source is not None and self.way_back.policy == wayback.RETURN:
             cmdline = wayback.laptop_cmdline(source.manifest.cmdline)
             self.console("way back: no command line from autokexec: using the served one without stiefel.* "
                          "options")
