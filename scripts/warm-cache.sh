@@ -4,8 +4,8 @@
 #
 #   ramdisk                  playbooks/build_image.yml        $CACHE/ramdisk/
 #   laptop-root              lab/laptop_disk.py root          $CACHE/laptop-root/
-#   bookworm-dracut          molecule laptop build-root.sh    $CACHE/laptop/
-#   bookworm-initramfs-tools molecule laptop build-root.sh    $CACHE/laptop/
+#   bookworm-dracut          molecule laptop build-root.sh    $CACHE/laptop/  (netboot scenario, test_nbd_root_tls)
+#   bookworm-initramfs-tools molecule laptop build-root.sh    $CACHE/laptop/  (laptop_initramfs_tools, test_nbd_root_tls)
 #
 # Each builder keeps its own cache key and returns at once when its output is
 # there; the tests would build the same on first use, one after the other.
