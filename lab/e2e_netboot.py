@@ -169,7 +169,7 @@ def create(_args):
         "laptop_boot_cmdline_extra": ["systemd.swap=0", "noresume", "console=ttyS0,115200"],
         "laptop_server_cmdline_extra": ["console=ttyS0,115200"],
         "laptop_when_done": "return",
-        "laptop_return_wait": 20,
+        "laptop_return_wait": 5,  # the clean disconnect waits min(30 s, this): CI time
         "laptop_logind_ignore_lid": True,
     })
     inventory = os.path.join(wd, "laptop-inventory.yml")

@@ -50,6 +50,7 @@ LINK_NET = ipaddress.IPv4Network("169.254.157.0/29")
 SERVER_ADDRESS = LINK_NET.network_address + 1
 RANGE = (LINK_NET.network_address + 2, LINK_NET.broadcast_address - 1)
 LEASE = "10m"
+STARTUP_CHECK = 1.0  # seconds dnsmasq gets to fail its own setup checks before it counts as serving
 HTTP_PORT = 61572
 
 SHIM = "/usr/lib/shim/shimx64.efi.signed"
@@ -213,6 +214,7 @@ class Dnsmasq(object):
         self.argv = dnsmasq_argv(ifname, tftp_root, run_dir, http_port, dnsmasq)
         self.stdout = stdout
         self.proc = None
+        self.startup_check = STARTUP_CHECK
 
     @property
     def pid(self):
@@ -223,7 +225,14 @@ class Dnsmasq(object):
             raise NetbootError("dnsmasq is not installed (Debian package dnsmasq-base)")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,  # pylint: disable=consider-using-with
                                      stdout=self.stdout or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        return self.proc.pid
+        # dnsmasq checks its setup (interface, address, TFTP root, user and group) before it serves and
+        # exits at once when one fails: say so now, not by a desktop that never gets an answer
+        try:
+            code = self.proc.wait(self.startup_check)
+        except subprocess.TimeoutExpired:
+            return self.proc.pid
+        self.proc = None
+        raise NetbootError("dnsmasq exited at start (exit %s): its message is on the console above" % code)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None

@@ -111,3 +111,11 @@ def test_dnsmasq_is_stopped_by_its_pid(tmp_path):
     assert service.alive() and service.pid == pid
     assert service.stop() == -15
     assert not service.alive() and service.stop() is None
+
+
+def test_dnsmasq_that_fails_its_setup_is_an_error_not_a_silent_nothing(tmp_path):
+    service = netboot.Dnsmasq("eth0", str(tmp_path), str(tmp_path), dnsmasq="false")
+    service.argv = ["sh", "-c", "echo 'dnsmasq: failed to set group' >&2; exit 5"]
+    with pytest.raises(netboot.NetbootError, match=r"exited at start \(exit 5\)"):
+        service.start()
+    assert not service.alive() and service.stop() is None
