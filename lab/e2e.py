@@ -95,20 +95,24 @@ def log(msg):
     print("[e2e %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
 
 
-def workdir():
+def workdir(name="e2e"):
+    """$STIEFEL_CACHE_DIR/NAME: each flow's own (e2e, netboot), so the two never share state or files."""
     base = os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
-    path = os.path.join(base, "e2e")
+    path = os.path.join(base, name)
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def load_state(wd):
-    path = os.path.join(wd, STATE)
-    return json.load(open(path)) if os.path.exists(path) else {}
+def load_state(wd, name=STATE):
+    path = os.path.join(wd, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
-def save_state(wd, state):
-    with open(os.path.join(wd, STATE), "w") as handle:
+def save_state(wd, state, name=STATE):
+    with open(os.path.join(wd, name), "w", encoding="utf-8") as handle:
         json.dump(state, handle, indent=1)
 
 

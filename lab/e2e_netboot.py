@@ -32,6 +32,7 @@ import sys
 import time
 
 from lab import ansible_output, laptop_disk
+from lab import e2e as lab_e2e
 from lab.netns import VirtualLink
 from lab.qemu import VM, MarkerTimeout
 
@@ -54,18 +55,11 @@ CHECK_MODE_ABSENT = (
     "usr/sbin/dnsmasq",
 )
 # The desktop's probe, on top of the e2e one: the explicit verb of issue 16, at no extra boot.
-WHEN_DONE_PROBE = r"""#!/bin/sh
-# End-to-end probe (netboot scenario): only acts when the laptop OS runs on the desktop.
-grep -q 'stiefel.mac=' /proc/cmdline || exit 0
-echo "E2E-PROBE machine-id=$(cat /etc/machine-id) hostname=$(hostname) root=$(findmnt -no SOURCE /)" > /dev/ttyS0
-head -c 1048576 /dev/urandom > /root/e2e-proof
-sync
-echo "E2E-PROOF sha256=$(sha256sum /root/e2e-proof | cut -d' ' -f1)" > /dev/ttyS0
-PYTHONPATH=/usr/lib/stiefel/python python3 -m stiefel_runtime.whendone poweroff > /dev/ttyS0 2>&1
-echo "E2E-WHENDONE rc=$?" > /dev/ttyS0
-echo "E2E-PROBE powering off" > /dev/ttyS0
-systemctl --no-block poweroff
-"""
+_POWER_OFF_LINE = 'echo "E2E-PROBE powering off"'
+assert _POWER_OFF_LINE in laptop_disk.PROBE_SCRIPT
+WHEN_DONE_PROBE = laptop_disk.PROBE_SCRIPT.replace(_POWER_OFF_LINE, (
+    "PYTHONPATH=/usr/lib/stiefel/python python3 -m stiefel_runtime.whendone poweroff > /dev/ttyS0 2>&1\n"
+    'echo "E2E-WHENDONE rc=$?" > /dev/ttyS0\n') + _POWER_OFF_LINE)
 FAILS = (r"Kernel panic", r"stiefel-client: .*(error|failed)")
 
 # (label, vm, pattern): the flow after pairing, as the e2e has it.
@@ -92,23 +86,15 @@ def log(msg):
 
 
 def workdir():
-    base = os.environ.get("STIEFEL_CACHE_DIR") or os.path.join(REPO, ".cache")
-    path = os.path.join(base, "netboot")
-    os.makedirs(path, exist_ok=True)
-    return path
+    return lab_e2e.workdir("netboot")
 
 
 def load_state(wd):
-    path = os.path.join(wd, STATE)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return lab_e2e.load_state(wd, STATE)
 
 
 def save_state(wd, state):
-    with open(os.path.join(wd, STATE), "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=1)
+    lab_e2e.save_state(wd, state, STATE)
 
 
 def playbook(*args):
@@ -122,20 +108,6 @@ def playbook(*args):
         raise SystemExit("ansible-playbook %s failed (rc %d)" % (args[0], run.returncode))
     log("took %.0f s, changed=%d, changed tasks: %s" % (run.seconds, run.changed(), run.changed_tasks()))
     return run
-
-
-def _mount(root):
-    mounts = []
-    for fs, target in (("proc", "proc"), ("sysfs", "sys"), ("devtmpfs", "dev")):
-        path = os.path.join(root, target)
-        subprocess.run(["mount", "-t", fs, fs, path], check=True)
-        mounts.append(path)
-    return mounts
-
-
-def _umount(mounts):
-    for path in reversed(mounts):
-        subprocess.run(["umount", "-l", path], check=False)
 
 
 def _sha256(path):
@@ -180,7 +152,7 @@ def create(_args):
     setup = ("-i", inventory, "playbooks/setup_server.yml", "-e", "stiefel_hosts=netboot-laptop",
              "-e", ansible_playbook_vars)
     playbook("playbooks/build_image.yml")
-    mounts = _mount(root)
+    mounts = lab_e2e.mount_api(root)
     figures = {}
     try:
         # A real laptop has package lists and python3-apt (ansible's apt module needs it in check mode);
@@ -209,7 +181,7 @@ def create(_args):
         if smoke.returncode or "initramfs-smoke: /boot/initrd.img-%s ok" % version not in smoke.stdout:
             raise SystemExit("initramfs smoke run failed (rc %d)" % smoke.returncode)
     finally:
-        _umount(mounts)
+        lab_e2e.umount_all(mounts)
     with open(os.path.join(root, "etc/stiefel/autokexec.json"), encoding="utf-8") as handle:
         config = json.load(handle)
     log("autokexec netboot config: %s" % config["netboot"])
