@@ -25,6 +25,7 @@ Everything lives in $STIEFEL_CACHE_DIR/e2e (serial logs: *.serial.log, timeline.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -335,6 +336,27 @@ def print_timeline(timeline, laptop_marks=None, secure_boot=False):
         print("  %-28s %7.1f" % ("return: power-off to target", back - off))
 
 
+def check_laptop_disk(image, firmware, proof_sha):
+    """The laptop disk after a flow: its root fsck clean and the desktop's proof file on it (the problems found)."""
+    problems = []
+    offset = laptop_disk.root_start_sector(firmware) * 512
+    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(offset), "--read-only", image],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True, check=False)
+        if fsck.returncode != 0:
+            problems.append("laptop root filesystem is not clean: %s" % fsck.stdout[-500:])
+        else:
+            log("fsck of the laptop disk: clean (%s)" % fsck.stdout.strip().splitlines()[-1])
+        dump = subprocess.run(["debugfs", "-R", "cat /root/e2e-proof", loop], capture_output=True, check=False)
+        got = hashlib.sha256(dump.stdout).hexdigest()
+        if got != proof_sha:
+            problems.append("proof file on the laptop disk has sha256 %s, desktop wrote %s" % (got, proof_sha))
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    return problems
+
+
 def verify(args):
     wd = workdir()
     state = load_state(wd)
@@ -370,20 +392,8 @@ def verify(args):
         log("laptop console: back in its own OS, machine-id %s, cmdline %s" % (machine_id, returned.group(2)))
     if not probe or probe.group(1) != machine_id or probe.group(2) != laptop_disk.HOSTNAME:
         problems.append("desktop did not run the laptop's OS (probe: %s)" % (probe.group(0) if probe else None))
-    offset = laptop_disk.root_start_sector(state.get("firmware", "bios")) * 512
-    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(offset), "--read-only",
-                           os.path.join(wd, "laptop.img")], check=True, capture_output=True, text=True).stdout.strip()
-    try:
-        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True, check=False)
-        if fsck.returncode != 0:
-            problems.append("laptop root filesystem is not clean: %s" % fsck.stdout[-500:])
-        dump = subprocess.run(["debugfs", "-R", "cat /root/e2e-proof", loop], capture_output=True, check=False)
-        import hashlib
-        got = hashlib.sha256(dump.stdout).hexdigest()
-        if not proof or got != proof.group(1):
-            problems.append("proof file on the laptop disk has sha256 %s, desktop wrote %s" % (got, proof.group(1) if proof else None))
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    problems += check_laptop_disk(os.path.join(wd, "laptop.img"), state.get("firmware", "bios"),
+                                  proof.group(1) if proof else None)
     if problems:
         for problem in problems:
             log("VERIFY FAILED: " + problem)

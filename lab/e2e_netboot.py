@@ -62,17 +62,8 @@ WHEN_DONE_PROBE = laptop_disk.PROBE_SCRIPT.replace(_POWER_OFF_LINE, (
     'echo "E2E-WHENDONE rc=$?" > /dev/ttyS0\n') + _POWER_OFF_LINE)
 FAILS = (r"Kernel panic", r"stiefel-client: .*(error|failed)")
 
-# (label, vm, pattern): the flow after pairing, as the e2e has it.
-STAGES = [
-    ("autokexec acknowledged", "desktop", r"stiefel-client: laptop .* acknowledged"),
-    ("server ramdisk up", "laptop", r"stiefel-ramdisk: starting role=server"),
-    ("server ready", "laptop", r"stiefel-server: ready"),
-    ("payload verified", "desktop", r"stiefel-client: payload verified"),
-    ("kexec", "desktop", r"stiefel-client: kexec"),
-    ("NBD attached", "desktop", r"nbd0: p\d|stiefel: nbd attached"),
-    ("root mounted", "desktop", r"EXT4-fs \(nbd0p\d+\): mounted"),
-    ("boot target reached", "desktop", r"E2E-TARGET multi-user reached"),
-]
+# (label, vm, pattern): the flow after pairing, the e2e's stages from the acknowledgement on.
+STAGES = lab_e2e.STAGES[[label for label, _vm, _pattern in lab_e2e.STAGES].index("autokexec acknowledged"):]
 POWEROFF_STAGES = [
     ("server told: poweroff", r"stiefel-server: way back: .* asks: when done, poweroff"),
     ("server saw clients gone", r"stiefel-server: way back: all NBD clients gone"),
@@ -325,22 +316,7 @@ def verify(_args):
     proof = re.search(r"E2E-PROOF sha256=([0-9a-f]{64})", desktop)
     if not probe or probe.group(1) != machine_id or probe.group(2) != laptop_disk.HOSTNAME:
         problems.append("desktop did not run the laptop's OS (probe: %s)" % (probe.group(0) if probe else None))
-    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(laptop_disk.root_start_sector("bios") * 512),
-                           "--read-only", os.path.join(wd, "laptop.img")], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    try:
-        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True, check=False)
-        if fsck.returncode != 0:
-            problems.append("laptop root filesystem is not clean: %s" % fsck.stdout[-500:])
-        else:
-            log("fsck of the laptop disk: clean (%s)" % fsck.stdout.strip().splitlines()[-1])
-        dump = subprocess.run(["debugfs", "-R", "cat /root/e2e-proof", loop], capture_output=True, check=False)
-        got = hashlib.sha256(dump.stdout).hexdigest()
-        if not proof or got != proof.group(1):
-            problems.append("proof file on the laptop disk has sha256 %s, desktop wrote %s" % (
-                got, proof.group(1) if proof else None))
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    problems += lab_e2e.check_laptop_disk(os.path.join(wd, "laptop.img"), "bios", proof.group(1) if proof else None)
     if problems:
         for problem in problems:
             log("VERIFY FAILED: " + problem)
